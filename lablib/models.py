@@ -1,0 +1,324 @@
+"""One transformer family, readable top to bottom (in the spirit of nanoGPT's model.py).
+
+Notable here:
+- Pre-norm blocks; attention goes through `F.scaled_dot_product_attention` unless a
+  hook asks for the attention pattern, in which case the pattern is computed
+  explicitly so it can be read and edited.
+- Mask modes: `causal`, `prefix` (bidirectional over the first `prefix_len` tokens
+  of each row, causal after), `bidirectional`, and `custom` (a boolean
+  `attn_mask`, True = may attend). The mode is the config's default and can be
+  changed per call.
+- Positional encodings: `learned`, `sinusoidal`, `rope`, `none` (NoPE).
+- Every interesting activation passes through a `HookPoint` with a stable dotted
+  name (`blocks.0.attn.hook_pattern`, `blocks.0.hook_resid_post`, ...), as in
+  TransformerLens. `run_with_cache` returns them; `hooks(...)` edits them. A hook
+  point with nothing attached is an identity call.
+- Inputs are token ids or, for models over non-text data, ready-made embeddings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lablib.config import ModelConfig
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's "gelu_new"
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+class HookPoint(nn.Module):
+    """Identity with a name; forward hooks attached here read or replace the activation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @property
+    def active(self) -> bool:
+        return bool(self._forward_hooks)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
+    """The fixed encoding of 'Attention Is All You Need' (sin on even, cos on odd channels)."""
+    pos = torch.arange(n_positions, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(n_positions, dim)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return table
+
+
+def rope_tables(n_positions: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(n_positions, dtype=torch.float32), inv_freq)  # (T, head_dim/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (x[..., :d/2], x[..., d/2:]) of x: (B, T, H, D) by position."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+def build_mask(mode: str, T: int, device: torch.device, prefix_len: torch.Tensor | None = None,
+               attn_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Boolean mask (True = may attend), broadcastable to (B, H, T, T); None when SDPA's flags do."""
+    if mode in ("causal", "bidirectional"):
+        return None
+    if mode == "prefix":
+        if prefix_len is None:
+            raise ValueError("mask 'prefix' needs prefix_len: a (batch,) tensor of prefix lengths")
+        idx = torch.arange(T, device=device)
+        causal = idx[None, :] <= idx[:, None]  # (T, T): key j <= query i
+        in_prefix = idx[None, None, :] < prefix_len.to(device)[:, None, None]  # (B, 1, T): key j in prefix
+        return (causal[None] | in_prefix)[:, None]
+    if mode == "custom":
+        if attn_mask is None:
+            raise ValueError("mask 'custom' needs attn_mask: a boolean (T, T) or (B, T, T) tensor, True = may attend")
+        return attn_mask if attn_mask.dim() == 4 else (attn_mask[None, None] if attn_mask.dim() == 2 else attn_mask[:, None])
+    raise ValueError(f"mask: expected one of causal, prefix, bidirectional, custom, got {mode!r}")
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.d_model // cfg.n_head
+        self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()  # (B, T, H, D)
+        self.hook_attn_scores = HookPoint()  # (B, H, Tq, Tk), before softmax
+        self.hook_pattern = HookPoint()  # (B, H, Tq, Tk), after softmax
+        self.hook_z = HookPoint()  # (B, T, H, D): heads' outputs before c_proj
+
+    def forward(self, x: torch.Tensor, mode: str, mask: torch.Tensor | None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if self.hook_pattern.active or self.hook_attn_scores.active:
+            z = self._explicit_attention(q, k, v, mode, mask)
+        else:  # the fast path: flash / memory-efficient kernels
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(mode == "causal"),
+                                               dropout_p=self.dropout if self.training else 0.0)
+        z = self.hook_z(z.transpose(1, 2))
+        return self.c_proj(z.reshape(B, T, C))
+
+    def _explicit_attention(self, q, k, v, mode, mask):
+        T = q.shape[2]
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        if mode == "causal":
+            mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        pattern = self.hook_pattern(torch.softmax(self.hook_attn_scores(scores).float(), dim=-1).type_as(q))
+        pattern = F.dropout(pattern, self.dropout, self.training)
+        return pattern @ v
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d_mlp = cfg.d_mlp or 4 * cfg.d_model
+        self.c_fc = nn.Linear(cfg.d_model, d_mlp, bias=cfg.bias)
+        self.c_proj = nn.Linear(d_mlp, cfg.d_model, bias=cfg.bias)
+        self.act = ACTIVATIONS[cfg.activation]
+        self.hook_pre, self.hook_post = HookPoint(), HookPoint()  # (B, T, d_mlp) before / after the non-linearity
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.hook_post(self.act(self.hook_pre(self.c_fc(x)))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1, self.attn = make_norm(cfg), Attention(cfg)
+        self.ln2, self.mlp = make_norm(cfg), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.hook_resid_pre, self.hook_resid_mid, self.hook_resid_post = HookPoint(), HookPoint(), HookPoint()
+        self.hook_attn_out, self.hook_mlp_out = HookPoint(), HookPoint()
+
+    def forward(self, x, mode, mask, rope):
+        x = self.hook_resid_pre(x)
+        x = self.hook_resid_mid(x + self.drop(self.hook_attn_out(self.attn(self.ln1(x), mode, mask, rope))))
+        return self.hook_resid_post(x + self.drop(self.hook_mlp_out(self.mlp(self.ln2(x)))))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.pos == "learned":
+            self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        if cfg.pos == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+        if cfg.pos == "rope":
+            cos, sin = rope_tables(cfg.max_seq_len, cfg.d_model // cfg.n_head, cfg.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_final = make_norm(cfg)
+        self.unembed = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.unembed.weight = self.embed.weight
+        self.hook_embed, self.hook_pos_embed, self.hook_final = HookPoint(), HookPoint(), HookPoint()
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    # --- forward -----------------------------------------------------------------
+    def embed_tokens(self, idx: torch.Tensor | None = None, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        if (idx is None) == (embeds is None):
+            raise ValueError("pass exactly one of idx (token ids) or embeds (B, T, d_model)")
+        x = self.hook_embed(self.embed(idx) if embeds is None else embeds)
+        T = x.shape[1]
+        if T > self.cfg.max_seq_len and self.cfg.pos in ("learned", "sinusoidal", "rope"):
+            raise ValueError(f"sequence of {T} tokens is longer than max_seq_len={self.cfg.max_seq_len}")
+        if self.cfg.pos == "learned":
+            x = x + self.hook_pos_embed(self.pos_embed(torch.arange(T, device=x.device)))
+        elif self.cfg.pos == "sinusoidal":
+            x = x + self.hook_pos_embed(self.pos_table[:T].to(x.dtype))
+        return self.drop(x)
+
+    def trunk(self, idx: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,
+              mask: str | None = None, prefix_len: torch.Tensor | None = None,
+              attn_mask: torch.Tensor | None = None, n_layers: int | None = None) -> torch.Tensor:
+        """The residual stream after the blocks (before the final norm): (B, T, d_model)."""
+        x = self.embed_tokens(idx, embeds)
+        mode = mask or self.cfg.mask
+        if attn_mask is not None and mask is None:
+            mode = "custom"
+        m = build_mask(mode, x.shape[1], x.device, prefix_len, attn_mask)
+        rope = (self.rope_cos[: x.shape[1]], self.rope_sin[: x.shape[1]]) if self.cfg.pos == "rope" else None
+        for block in self.blocks[:n_layers]:
+            x = block(x, mode, m, rope)
+        return x
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and unembedding: residual stream -> logits."""
+        return self.unembed(self.hook_final(self.ln_final(h)))
+
+    def forward(self, idx: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Logits (B, T, vocab). kwargs: embeds, mask, prefix_len, attn_mask (see `trunk`)."""
+        return self.head(self.trunk(idx, **kwargs))
+
+    # --- hooks -------------------------------------------------------------------
+    def hook_points(self) -> dict[str, HookPoint]:
+        return {name: m for name, m in self.named_modules() if isinstance(m, HookPoint)}
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks: Iterable[tuple[str | Callable[[str], bool], Callable]]) -> Iterator["Transformer"]:
+        """Attach hooks for the duration of a `with` block.
+
+        Each hook is (name or name-predicate, fn(activation, name) -> replacement or None).
+        """
+        points = self.hook_points()
+        handles = []
+        try:
+            for selector, fn in fwd_hooks:
+                names = [n for n in points if (selector(n) if callable(selector) else n == selector)]
+                if not names:
+                    raise KeyError(f"no hook point matches {selector!r}; see model.hook_points()")
+                for name in names:
+                    handles.append(points[name].register_forward_hook(
+                        lambda mod, inp, out, _fn=fn, _name=name: _fn(out, _name)))
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    @torch.no_grad()
+    def run_with_cache(self, idx: torch.Tensor | None = None, names: Iterable[str] | Callable[[str], bool] | None = None,
+                       **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and a dict of every hooked activation (or those selected by `names`)."""
+        points = self.hook_points()
+        if names is None:
+            wanted = list(points)
+        elif callable(names):
+            wanted = [n for n in points if names(n)]
+        else:
+            wanted = list(names)
+            missing = [n for n in wanted if n not in points]
+            if missing:
+                raise KeyError(f"unknown hook point(s) {missing}; see model.hook_points()")
+        cache: dict[str, torch.Tensor] = {}
+
+        def save(act, name):
+            cache[name] = act.detach()
+
+        with self.hooks([(n, save) for n in wanted]):
+            logits = self(idx, **kwargs)
+        return logits, cache
+
+    # --- sizes -------------------------------------------------------------------
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embed.weight.numel()
+            if self.cfg.pos == "learned":
+                n -= self.pos_embed.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): 6N + 12*L*H*Q*T (PaLM appendix B)."""
+        n = self.num_params() - (self.pos_embed.weight.numel() if self.cfg.pos == "learned" else 0)
+        L, H, Q = self.cfg.n_layer, self.cfg.n_head, self.cfg.d_model // self.cfg.n_head
+        return 6 * n + 12 * L * H * Q * seq_len
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample continuations of idx (B, T) with the causal mask."""
+        for _ in range(max_new_tokens):
+            ctx = idx[:, -self.cfg.max_seq_len:]
+            logits = self(ctx, mask="causal")[:, -1, :].float()
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.shape[-1]))
+                    logits[logits < v[:, [-1]]] = float("-inf")
+                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx

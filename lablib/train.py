@@ -1,0 +1,334 @@
+"""The training loop and the hardware policy.
+
+Notable here:
+- `resolve_hardware(cfg)` turns the `auto` settings into concrete choices (device,
+  autocast dtype, TF32, torch.compile, fused AdamW, threads), each with the reason
+  it was made; the result is recorded in params.json.
+- `train(...)` is the one loop: gradient accumulation up to `batch_tokens`, warm-up
+  then cosine / warmup-stable-decay / constant learning rate, gradient clipping,
+  held-out evaluation, a tqdm progress bar with loss and tokens/s, throughput and
+  (on GPUs with a known peak) MFU in metrics.jsonl, and checkpoints on Pythia's
+  schedule.
+- Reproducible by construction: the data order, dropout and the objective's masks
+  are pure functions of (seed, step), so a run resumed from a checkpoint continues
+  with exactly the losses the uninterrupted run would have had (on CPU).
+- A NaN or inf loss stops the run with `TrainingDiverged`, naming the step and the
+  last good checkpoint (which is kept).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+
+from lablib.checkpoints import checkpoint_schedule, list_checkpoints, load_checkpoint, save_checkpoint, unwrap
+from lablib.config import TrainConfig
+from lablib.objectives import Objective
+
+# Dense bf16 peak FLOP/s of GPUs we know, for MFU (vendor datasheets, without sparsity).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the message names the step and the last good checkpoint."""
+
+
+class BatchSource(Protocol):
+    """Anything that yields micro-batch number `index` as a dict of tensors, reproducibly."""
+
+    def batch(self, index: int, batch_size: int, seed: int) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass
+class HardwarePolicy:
+    device: str
+    dtype: str
+    tf32: bool
+    compile: bool
+    fused_adamw: bool
+    num_threads: int
+    reasons: dict[str, str]
+
+    def autocast(self):
+        if self.dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device, dtype=getattr(torch, self.dtype))
+
+
+def resolve_hardware(cfg: TrainConfig) -> HardwarePolicy:
+    """Concrete hardware choices for cfg's 'auto' settings, with the reason for each."""
+    reasons: dict[str, str] = {}
+    if cfg.device != "auto":
+        device, reasons["device"] = cfg.device, "set by the user"
+    elif torch.cuda.is_available():
+        device, reasons["device"] = "cuda", "a CUDA GPU is present"
+    elif torch.backends.mps.is_available():
+        device, reasons["device"] = "mps", "Apple MPS is present"
+    else:
+        device, reasons["device"] = "cpu", "no GPU found"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA GPU")
+
+    if cfg.dtype != "auto":
+        dtype, reasons["dtype"] = cfg.dtype, "set by the user"
+    elif device == "cuda" and torch.cuda.is_bf16_supported():
+        dtype, reasons["dtype"] = "bfloat16", "the GPU supports bf16: fp32 range, half the memory traffic"
+    elif device == "cuda":
+        dtype, reasons["dtype"] = "float16", "pre-Ampere GPU: fp16 with a gradient scaler"
+    else:
+        dtype, reasons["dtype"] = "float32", f"{device}: reduced-precision autocast is slower or unsupported here"
+
+    tf32 = device == "cuda"
+    reasons["tf32"] = "TF32 matmuls on CUDA: ~same accuracy for training, much faster" if tf32 else "not CUDA"
+
+    if cfg.compile != "auto":
+        compile_, reasons["compile"] = cfg.compile == "on", "set by the user"
+    elif device == "cuda":
+        compile_, reasons["compile"] = True, "CUDA: kernel fusion pays back its warm-up within a few hundred steps"
+    else:
+        compile_, reasons["compile"] = False, (f"{device}: warm-up costs tens of seconds on few cores and "
+                                               "small models gain little (see benchmarks/)")
+
+    fused_ok = device in ("cuda", "mps") or (device == "cpu" and hasattr(torch.optim, "AdamW"))
+    if cfg.fused_adamw != "auto":
+        fused, reasons["fused_adamw"] = cfg.fused_adamw == "on", "set by the user"
+    else:
+        fused = device == "cuda"
+        reasons["fused_adamw"] = "one kernel for all parameters on CUDA" if fused else "foreach AdamW is as fast here"
+    if fused and not fused_ok:
+        raise RuntimeError(f"fused AdamW is not available on {device}")
+
+    threads = cfg.num_threads or torch.get_num_threads()
+    reasons["num_threads"] = "set by the user" if cfg.num_threads else "torch's default (one per core)"
+    return HardwarePolicy(device, dtype, tf32, compile_, fused, threads, reasons)
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warm-up, then the schedule."""
+    peak, floor = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return peak
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, round(cfg.steps * cfg.decay_fraction))
+        decay_start = cfg.steps - decay_steps
+        if step < decay_start:
+            return peak
+        return peak - (peak - floor) * (step - decay_start + 1) / decay_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def grad_accum_steps(cfg: TrainConfig, world_size: int = 1) -> int:
+    """Micro-batches per optimizer step (per process) to reach cfg.batch_tokens."""
+    per_micro = cfg.batch_size * cfg.seq_len * world_size
+    return 1 if cfg.batch_tokens is None else max(1, math.ceil(cfg.batch_tokens / per_micro))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, policy: HardwarePolicy) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on biases, norms or 1-d gains)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = {"fused": True} if policy.fused_adamw else {}
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **kwargs)
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, device: str) -> float | None:
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return None if peak is None else flops_per_token * tokens_per_s / peak
+
+
+def _to(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, objective: Objective, batches: list[dict[str, torch.Tensor]],
+             policy: HardwarePolicy, seed: int = 0) -> dict[str, float]:
+    """Mean objective loss over fixed batches, with a fixed generator (same masks every call)."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    total, weight = 0.0, 0
+    for batch in batches:
+        with policy.autocast():
+            loss, metrics = objective(model, _to(batch, policy.device), gen)
+        n = int(metrics.get("tokens_scored", 1))
+        total, weight = total + float(loss) * n, weight + n
+    model.train(was_training)
+    return {"val_loss": total / max(1, weight)}
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    final: dict[str, Any]
+    resumed_from: int | None
+    policy: HardwarePolicy
+
+
+Callback = tuple[int, Callable[[int, torch.nn.Module], dict[str, Any] | None]]
+
+
+def train(model: torch.nn.Module, objective: Objective, data: BatchSource, cfg: TrainConfig, run=None, *,
+          val: list[dict[str, torch.Tensor]] | None = None, callbacks: list[Callback] = (),
+          resume: bool = True, progress: bool = True, policy: HardwarePolicy | None = None,
+          dist=None) -> TrainResult:
+    """Train `model` on micro-batches from `data` with `objective` for cfg.steps optimizer steps.
+
+    run: a `lablib.runs.Run` for metrics and checkpoints (None trains without saving).
+    val: fixed held-out micro-batches, evaluated every cfg.eval_every steps as val_loss.
+    callbacks: (every, fn(step, model) -> extra metrics) pairs, run at step 0 and every `every` steps.
+    resume: continue from the newest checkpoint in the run folder, if there is one.
+    dist: a `lablib.distributed.DistContext` when running under torchrun (None: one process).
+    """
+    from tqdm.auto import tqdm
+
+    policy = policy or resolve_hardware(cfg)
+    rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
+    main = rank == 0
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    if policy.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed)
+    model.to(policy.device)
+    optimizer = make_optimizer(model, cfg, policy)
+    accum = grad_accum_steps(cfg, world)
+    tokens_per_step = accum * cfg.batch_size * cfg.seq_len * world
+    scaler = torch.amp.GradScaler(policy.device) if policy.dtype == "float16" else None
+    schedule = set(checkpoint_schedule(cfg.steps, cfg.checkpoint_every))
+
+    start, resumed_from = 0, None
+    if run is not None and resume and list_checkpoints(run.path):
+        resumed_from = list_checkpoints(run.path)[-1]
+        state = load_checkpoint(run.path, resumed_from, model, optimizer, device=policy.device)
+        start = state["step"]
+        if main:
+            run.log.truncate_after(start)
+    if run is not None and main:
+        run.save_model_spec(model)
+
+    net = model
+    if dist is not None:
+        net = dist.wrap(model)
+    if policy.compile:
+        net = torch.compile(net)
+    flops_tok = unwrap(model).flops_per_token(cfg.seq_len) if hasattr(unwrap(model), "flops_per_token") else None
+
+    def log(row: dict[str, Any]) -> None:
+        if run is not None and main:
+            run.log.append(row)
+
+    def run_callbacks(step: int) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        for every, fn in callbacks:
+            if step % every == 0 or step == cfg.steps:
+                extra.update(fn(step, unwrap(model)) or {})
+        return extra
+
+    last_good = resumed_from
+    if start == 0:
+        row = {"step": 0, "tokens": 0}
+        if val:
+            row.update(evaluate(net, objective, val, policy, cfg.seed))
+        row.update(run_callbacks(0))
+        log(row)
+
+    gen = torch.Generator()
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not (progress and main), dynamic_ncols=True)
+    t0 = time.perf_counter()
+    t_log, tokens_at_log = t0, start * tokens_per_step
+    obj_metrics: dict[str, Any] = {}
+    final: dict[str, Any] = {}
+    net.train()
+    for step in range(start, cfg.steps):
+        lr = learning_rate(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(cfg.seed * 7919 + step)  # dropout: a function of (seed, step)
+        step_loss = torch.zeros((), device=policy.device)
+        for micro in range(accum):
+            index = (step * accum + micro) * world + rank
+            gen.manual_seed(cfg.seed * 1_000_003 + index)  # masks: a function of (seed, micro-batch)
+            batch = _to(data.batch(index, cfg.batch_size, cfg.seed), policy.device)
+            sync = contextlib.nullcontext() if (dist is None or micro == accum - 1) else net.no_sync()
+            with sync:
+                with policy.autocast():
+                    loss, obj_metrics = objective(net, batch, gen)
+                scaled = loss / accum
+                (scaler.scale(scaled) if scaler else scaled).backward()
+            step_loss += loss.detach() / accum
+        if dist is not None:
+            step_loss = dist.mean(step_loss)
+        loss_value = float(step_loss)
+        if not math.isfinite(loss_value):
+            where = (f"the last good checkpoint is step {last_good} in {run.path / 'checkpoints'}"
+                     if run is not None and last_good is not None else "no checkpoint was saved before it")
+            bar.close()
+            raise TrainingDiverged(f"loss became {loss_value} at step {step + 1}; {where}. "
+                                   "Lower learning_rate, raise warmup_steps or check the data.")
+        if scaler:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+
+        row: dict[str, Any] = {}
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            elapsed = time.perf_counter() - t_log
+            tokens = done * tokens_per_step
+            tok_s = (tokens - tokens_at_log) / max(elapsed, 1e-9)
+            row = {"step": done, "tokens": tokens, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                   "tokens_per_s": tok_s, **{k: v for k, v in obj_metrics.items() if k != "tokens_scored"}}
+            if flops_tok is not None and (u := mfu(flops_tok, tok_s, policy.device)) is not None:
+                row["mfu"] = u
+            t_log, tokens_at_log = time.perf_counter(), tokens
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}")
+        if val and (done % cfg.eval_every == 0 or done == cfg.steps):
+            row.update({"step": done, "tokens": done * tokens_per_step, **evaluate(net, objective, val, policy, cfg.seed)})
+        extra = run_callbacks(done) if any(done % every == 0 or done == cfg.steps for every, _ in callbacks) else {}
+        if extra:
+            row.update({"step": done, "tokens": done * tokens_per_step, **extra})
+        if row:
+            log(row)
+            final.update(row)
+        if run is not None and done in schedule:
+            if main:
+                save_checkpoint(run.path, done, model, optimizer,
+                                {"tokens": done * tokens_per_step, "seed": cfg.seed,
+                                 "data_position": {"micro_batches": done * accum * world, "batch_size": cfg.batch_size},
+                                 "rng": "dropout seed = seed*7919+step; masks seed = seed*1000003+micro-batch index"},
+                                keep_last=cfg.keep_last)
+            if dist is not None:
+                dist.barrier()
+            last_good = done
+        bar.update(1)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    return TrainResult(cfg.steps, cfg.steps * tokens_per_step, seconds, final, resumed_from, policy)
+
+
+def policy_record(policy: HardwarePolicy) -> dict[str, Any]:
+    """The hardware choices as recorded in params.json."""
+    return {**asdict(policy), "torch": torch.__version__, "cpu_count": os.cpu_count()}

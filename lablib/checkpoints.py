@@ -36,6 +36,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; run folders are meant to be shared and copied
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -109,6 +110,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
+    os.chmod(tmp, 0o755)
     try:
         save_model(unwrap(model), str(tmp / "model.safetensors"))
         meta: dict[str, Any] = {"step": step, **(state or {})}

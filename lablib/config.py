@@ -119,6 +119,18 @@ def parse_cli_value(text: str) -> Any:
         return text
 
 
+def parse_for_field(tp: Any, text: str) -> Any:
+    """Parse a command-line string for a field of type `tp`: a literal choice stays a string."""
+    choices = [a for arg in (typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,))
+               if typing.get_origin(arg) is Literal for a in typing.get_args(arg)]
+    if text in choices:
+        return text
+    if tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)):
+        parsed = parse_cli_value(text)
+        return parsed if parsed is None else text
+    return parse_cli_value(text)
+
+
 @dataclass
 class Config:
     """Base of every config: validation, presets, projection onto knob groups."""
@@ -128,6 +140,13 @@ class Config:
     @classmethod
     def fields_by_name(cls) -> dict[str, dataclasses.Field]:
         return {f.name: f for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def parse(cls, name: str, text: str) -> Any:
+        """A command-line string for parameter `name`, parsed with the field's type in mind."""
+        if name not in cls.fields_by_name():
+            return parse_cli_value(text)
+        return parse_for_field(typing.get_type_hints(cls)[name], text)
 
     @classmethod
     def check(cls, name: str, value: Any) -> Any:

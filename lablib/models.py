@@ -14,19 +14,25 @@ Notable here:
   TransformerLens. `run_with_cache` returns them; `hooks(...)` edits them. A hook
   point with nothing attached is an identity call.
 - Inputs are token ids or, for models over non-text data, ready-made embeddings.
+- Variants for the objectives suite, each built from the same blocks: `EncoderDecoder`
+  (T5-shaped; `DecoderBlock` adds cross-attention), `MultiTokenTransformer` (Gloeckle
+  et al.'s n heads on a shared trunk) and `FutureTokenTransformer` (Walker's
+  pseudo-sequence decoder). Each has its own config subclass with its extra knobs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lablib.config import ModelConfig
+from lablib.config import ModelConfig, knob
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
@@ -322,3 +328,187 @@ class Transformer(nn.Module):
                 nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
             idx = torch.cat([idx, nxt], dim=1)
         return idx
+
+
+# --- variants for the objectives suite: encoder-decoder, multi-token and future-token heads ---------------
+
+def init_like_transformer(module: nn.Module, n_layer: int) -> None:
+    """GPT-2 initialisation for modules added on top of a Transformer (same rule as its __init__)."""
+    module.apply(Transformer._init_weights)
+    for name, p in module.named_parameters():
+        if name.endswith("c_proj.weight"):
+            nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+
+
+def padding_mask(valid: torch.Tensor) -> torch.Tensor:
+    """(B, T) True = real token -> (B, T, T) bidirectional mask over real keys; every query keeps itself."""
+    eye = torch.eye(valid.shape[1], dtype=torch.bool, device=valid.device)
+    return valid[:, None, :] | eye[None]
+
+
+class CrossAttention(nn.Module):
+    """Queries from the decoder's stream, keys and values from the encoder's output ("memory")."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.d_model // cfg.n_head
+        self.c_q = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.c_kv = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()  # (B, T, H, D)
+        self.hook_pattern = HookPoint()  # (B, H, Tq, Tk), after softmax
+        self.hook_z = HookPoint()  # (B, Tq, H, D)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_valid: torch.Tensor | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.hook_q(self.c_q(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)
+        k, v = self.c_kv(memory).view(B, memory.shape[1], 2, self.n_head, self.head_dim).unbind(2)
+        k, v = self.hook_k(k).transpose(1, 2), self.hook_v(v).transpose(1, 2)
+        mask = None if memory_valid is None else memory_valid[:, None, None, :]
+        if self.hook_pattern.active:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            z = F.dropout(self.hook_pattern(torch.softmax(scores.float(), -1).type_as(q)), self.dropout, self.training) @ v
+        else:
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.c_proj(self.hook_z(z.transpose(1, 2)).reshape(B, T, C))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm decoder block: causal self-attention, cross-attention to the memory, MLP."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1, self.attn = make_norm(cfg), Attention(cfg)
+        self.ln_cross, self.cross = make_norm(cfg), CrossAttention(cfg)
+        self.ln2, self.mlp = make_norm(cfg), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.hook_resid_pre, self.hook_resid_mid, self.hook_resid_post = HookPoint(), HookPoint(), HookPoint()
+        self.hook_attn_out, self.hook_cross_out, self.hook_mlp_out = HookPoint(), HookPoint(), HookPoint()
+
+    def forward(self, x, memory, memory_valid, rope):
+        x = self.hook_resid_pre(x)
+        x = x + self.drop(self.hook_attn_out(self.attn(self.ln1(x), "causal", None, rope)))
+        x = self.hook_resid_mid(x + self.drop(self.hook_cross_out(self.cross(self.ln_cross(x), memory, memory_valid))))
+        return self.hook_resid_post(x + self.drop(self.hook_mlp_out(self.mlp(self.ln2(x)))))
+
+
+@dataclass
+class EncoderDecoderConfig(ModelConfig):
+    n_decoder_layer: int | None = knob(None, "decoder blocks; None: n_layer (T5: as deep as the encoder)", min=1)
+
+
+class EncoderDecoder(nn.Module):
+    """T5-shaped encoder-decoder built from the same blocks.
+
+    The encoder is a `Transformer` with bidirectional attention (its embedding,
+    positions and unembedding are shared with the decoder, as in T5); the decoder is
+    a stack of `DecoderBlock`s. Hook names: `encoder.blocks.0.hook_resid_post`,
+    `decoder.0.cross.hook_pattern`, ...
+    """
+
+    def __init__(self, cfg: EncoderDecoderConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.encoder = Transformer(dataclasses.replace(ModelConfig(**{f.name: getattr(cfg, f.name) for f in
+                                                                      dataclasses.fields(ModelConfig)}),
+                                                       mask="bidirectional"))
+        n_dec = cfg.n_decoder_layer or cfg.n_layer
+        self.decoder = nn.ModuleList([DecoderBlock(cfg) for _ in range(n_dec)])
+        self.ln_decoder = make_norm(cfg)
+        init_like_transformer(self.decoder, cfg.n_layer + n_dec)
+
+    hook_points = Transformer.hook_points
+    hooks = Transformer.hooks
+
+    def encode(self, src: torch.Tensor, src_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder output after its final norm: (B, Ts, d_model). src_valid: (B, Ts) True = real token."""
+        attn_mask = None if src_valid is None else padding_mask(src_valid)
+        return self.encoder.ln_final(self.encoder.trunk(src, mask=None if attn_mask is None else "custom",
+                                                        attn_mask=attn_mask))
+
+    def decode(self, tgt: torch.Tensor, memory: torch.Tensor, memory_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, Tt, vocab) for decoder inputs `tgt` (teacher forcing) given the encoder memory."""
+        x = self.encoder.embed_tokens(tgt)
+        rope = ((self.encoder.rope_cos[: x.shape[1]], self.encoder.rope_sin[: x.shape[1]])
+                if self.cfg.pos == "rope" else None)
+        for block in self.decoder:
+            x = block(x, memory, memory_valid, rope)
+        return self.encoder.unembed(self.ln_decoder(x))
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_valid: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decode(tgt, self.encode(src, src_valid), src_valid)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+@dataclass
+class MultiTokenConfig(ModelConfig):
+    n_future: int = knob(2, "tokens predicted at each position, one head per offset (Gloeckle et al. 2024)", min=1)
+
+
+class MultiTokenTransformer(Transformer):
+    """Gloeckle et al.'s multi-token model: a shared trunk of n_layer-1 blocks and n_future one-block heads.
+
+    Head 0 is the ordinary last block, so `forward` (and every hook name) is exactly
+    the next-token `Transformer`; heads 1.. are `future_heads.k`, which predict the
+    token k+1 steps further ahead. All heads share the final norm and unembedding.
+    """
+
+    def __init__(self, cfg: MultiTokenConfig):
+        if cfg.n_layer < 2:
+            raise ValueError(f"n_layer: multi-token prediction needs a trunk and a head block, expected >= 2, got {cfg.n_layer}")
+        super().__init__(cfg)
+        self.future_heads = nn.ModuleList([Block(cfg) for _ in range(cfg.n_future - 1)])
+        init_like_transformer(self.future_heads, cfg.n_layer)
+
+    def multi_token_logits(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        """[logits for token t+1, logits for t+2, ...] at every position t, each (B, T, vocab), causal."""
+        h = self.trunk(idx, mask="causal", n_layers=self.cfg.n_layer - 1)
+        rope = (self.rope_cos[: h.shape[1]], self.rope_sin[: h.shape[1]]) if self.cfg.pos == "rope" else None
+        return [self.head(block(h, "causal", None, rope)) for block in (self.blocks[-1], *self.future_heads)]
+
+
+@dataclass
+class FutureTokenConfig(ModelConfig):
+    n_future: int = knob(4, "tokens the small decoder predicts from each position (Walker 2024)", min=1)
+    ftp_layers: int = knob(1, "blocks of the small future-token decoder", min=1)
+
+
+class FutureTokenTransformer(Transformer):
+    """Walker's future-token prediction: the top-layer state at each position is expanded
+    linearly into a pseudo-sequence of n_future vectors, and a small decoder cross-attends
+    to it to predict the next n_future tokens (teacher-forced).
+
+    `forward` and its hooks are the plain `Transformer` (the trunk is the encoder);
+    `next_token_logits` is the model's own next-token prediction (decoder slot 0).
+    """
+
+    def __init__(self, cfg: FutureTokenConfig):
+        super().__init__(cfg)
+        self.ftp_expand = nn.Linear(cfg.d_model, cfg.n_future * cfg.d_model, bias=cfg.bias)
+        self.ftp_slot = nn.Embedding(cfg.n_future, cfg.d_model)  # which future offset a decoder slot is
+        self.ftp_blocks = nn.ModuleList([DecoderBlock(cfg) for _ in range(cfg.ftp_layers)])
+        self.ftp_ln = make_norm(cfg)
+        init_like_transformer(nn.ModuleList([self.ftp_expand, self.ftp_slot, self.ftp_blocks]), cfg.n_layer)
+        self.hook_pseudo_sequence = HookPoint()  # (B*T, n_future, d_model): the expanded top-layer states
+
+    def future_logits(self, idx: torch.Tensor, slot_tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, n, vocab): slot j at position t reads tokens t..t+j and predicts token t+j+1.
+
+        slot_tokens (B, T, n <= n_future): slot_tokens[:, t, j] is token t+j (slot 0 is idx itself).
+        """
+        B, T, n = slot_tokens.shape
+        top = self.ln_final(self.trunk(idx, mask="causal"))
+        memory = self.hook_pseudo_sequence(self.ftp_expand(top).view(B * T, self.cfg.n_future, -1))
+        x = self.embed(slot_tokens.reshape(B * T, n)) + self.ftp_slot.weight[:n]
+        for block in self.ftp_blocks:
+            x = block(x, memory, None, None)
+        return self.unembed(self.ftp_ln(x)).view(B, T, n, -1)
+
+    def next_token_logits(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.future_logits(idx, idx[:, :, None])[:, :, 0]

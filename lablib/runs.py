@@ -123,6 +123,12 @@ class Run:
         d.mkdir(exist_ok=True)
         return d
 
+    def save_figure(self, fig, name: str) -> Path:
+        """Save a plotly figure as figures/<name>.html (plotly.js written once beside it, no CDN)."""
+        path = self.figures_dir / f"{name}.html"
+        fig.write_html(str(path), include_plotlyjs="directory")
+        return path
+
     def metrics(self):
         """metrics.jsonl as a pandas DataFrame (readable while the run is writing it)."""
         import pandas as pd
@@ -137,8 +143,17 @@ class Run:
         atomic_write_json(self.path / "status.json", data)
 
     def write_results(self, results: dict[str, Any]) -> Path:
+        """Write results.json (atomically) and mark the run done: results are an experiment's last step."""
         atomic_write_json(self.path / "results.json", results)
+        self.set_status("done", ended=now())
         return self.path / "results.json"
+
+    def state(self) -> str:
+        """running / done / failed, or 'stopped' when the process that ran it is gone."""
+        status = self.status
+        if status.get("status") == "running" and status.get("pid") and not _pid_alive(status["pid"]):
+            return "stopped"
+        return status.get("status", "?")
 
     def save_model_spec(self, model: torch.nn.Module) -> None:
         """Record how to rebuild the model (class and config) in model.json."""
@@ -197,8 +212,7 @@ def create_run(experiment: str, params: dict[str, Any], run_dir: str | Path | No
     path.mkdir(parents=True, exist_ok=True)
     run = Run(path)
     atomic_write_json(path / "params.json", {"experiment": experiment, **params})
-    if run.status.get("status") != "running":
-        run.set_status("running", started=now())
+    run.set_status("running", started=run.status.get("started") or now(), pid=os.getpid())
     return run
 
 
@@ -220,6 +234,16 @@ def start_run(experiment: str, cfg, run_dir: str | Path | None = None, **extra: 
             raise ConfigError(f"run folder {run_dir} was made with other parameters: {diff}; "
                               "resume with the same parameters or start a new run")
     return create_run(experiment, json.loads(json.dumps(params, default=str)), run_dir)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def list_runs(experiment: str | None = None, root: Path | None = None) -> list[Run]:
@@ -244,7 +268,8 @@ def runs_table(experiment: str | None = None, root: Path | None = None):
     for run in list_runs(experiment, root):
         params, results = run.params, run.results
         row = {"experiment": run.experiment, "run": str(run.path.relative_to(run.path.parents[1])),
-               "status": run.status.get("status", "?"), "preset": params.get("preset")}
+               "status": run.state(), "preset": params.get("preset"),
+               "checkpoints": len(run.checkpoints())}
         row.update({f"result.{k}": v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         rows.append(row)
     return pd.DataFrame(rows)

@@ -28,7 +28,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from lablib.checkpoints import checkpoint_schedule, list_checkpoints, load_checkpoint, save_checkpoint, unwrap
-from lablib.config import TrainConfig
+from lablib.config import ConfigError, TrainConfig
 from lablib.objectives import Objective
 
 # Dense bf16 peak FLOP/s of GPUs we know, for MFU (vendor datasheets, without sparsity).
@@ -104,8 +104,10 @@ def resolve_hardware(cfg: TrainConfig) -> HardwarePolicy:
     if fused and not fused_ok:
         raise RuntimeError(f"fused AdamW is not available on {device}")
 
-    threads = cfg.num_threads or torch.get_num_threads()
-    reasons["num_threads"] = "set by the user" if cfg.num_threads else "torch's default (one per core)"
+    env_threads = int(os.environ.get("LABLIB_NUM_THREADS") or 0)  # set by sweeps that run jobs side by side
+    threads = cfg.num_threads or env_threads or torch.get_num_threads()
+    reasons["num_threads"] = ("set by the user" if cfg.num_threads else "split between parallel sweep jobs"
+                              if env_threads else "torch's default (one per core)")
     return HardwarePolicy(device, dtype, tf32, compile_, fused, threads, reasons)
 
 
@@ -126,10 +128,29 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def global_batch_split(cfg: TrainConfig, world_size: int = 1) -> tuple[int, int]:
+    """(micro-batches per process per step, sequences per micro-batch): the same global batch at any world size.
+
+    One process accumulates A = ceil(batch_tokens / (batch_size * seq_len)) micro-batches of
+    batch_size sequences (A = 1 without batch_tokens). W processes share them: each
+    accumulates A/W whole micro-batches when W divides A, else each takes batch_size/W
+    sequences of every micro-batch. train() reads micro-batch index
+    (step * accum + micro) * W + rank, so with a source whose rows follow the index
+    (TokenBlocks) both ways read exactly the rows one process would.
+    """
+    one_process = 1 if cfg.batch_tokens is None else max(1, math.ceil(cfg.batch_tokens / (cfg.batch_size * cfg.seq_len)))
+    if one_process % world_size == 0:
+        return one_process // world_size, cfg.batch_size
+    if cfg.batch_size % world_size == 0:
+        return one_process, cfg.batch_size // world_size
+    raise ConfigError(f"parameter 'batch_size': the global batch ({one_process} micro-batch(es) of {cfg.batch_size}) "
+                      f"cannot be shared by {world_size} processes; expected batch_size or "
+                      f"batch_tokens / (batch_size * seq_len) to be a multiple of {world_size}")
+
+
 def grad_accum_steps(cfg: TrainConfig, world_size: int = 1) -> int:
-    """Micro-batches per optimizer step (per process) to reach cfg.batch_tokens."""
-    per_micro = cfg.batch_size * cfg.seq_len * world_size
-    return 1 if cfg.batch_tokens is None else max(1, math.ceil(cfg.batch_tokens / per_micro))
+    """Micro-batches per optimizer step per process (see global_batch_split)."""
+    return global_batch_split(cfg, world_size)[0]
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, policy: HardwarePolicy) -> torch.optim.Optimizer:
@@ -201,16 +222,15 @@ def train(model: torch.nn.Module, objective: Objective, data: BatchSource, cfg: 
     policy = policy or resolve_hardware(cfg)
     rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
     main = rank == 0
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    torch.set_num_threads(policy.num_threads)
     if policy.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
     model.to(policy.device)
     optimizer = make_optimizer(model, cfg, policy)
-    accum = grad_accum_steps(cfg, world)
-    tokens_per_step = accum * cfg.batch_size * cfg.seq_len * world
+    accum, micro_size = global_batch_split(cfg, world)
+    tokens_per_step = accum * micro_size * cfg.seq_len * world  # the same at every world size
     scaler = torch.amp.GradScaler(policy.device) if policy.dtype == "float16" else None
     schedule = set(checkpoint_schedule(cfg.steps, cfg.checkpoint_every))
 
@@ -261,12 +281,12 @@ def train(model: torch.nn.Module, objective: Objective, data: BatchSource, cfg: 
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        torch.manual_seed(cfg.seed * 7919 + step)  # dropout: a function of (seed, step)
+        torch.manual_seed((cfg.seed * 7919 + step) * world + rank)  # dropout: a function of (seed, step, rank)
         step_loss = torch.zeros((), device=policy.device)
         for micro in range(accum):
             index = (step * accum + micro) * world + rank
             gen.manual_seed(cfg.seed * 1_000_003 + index)  # masks: a function of (seed, micro-batch)
-            batch = _to(data.batch(index, cfg.batch_size, cfg.seed), policy.device)
+            batch = _to(data.batch(index, micro_size, cfg.seed), policy.device)
             sync = contextlib.nullcontext() if (dist is None or micro == accum - 1) else net.no_sync()
             with sync:
                 with policy.autocast():
@@ -301,7 +321,7 @@ def train(model: torch.nn.Module, objective: Objective, data: BatchSource, cfg: 
             tok_s = (tokens - tokens_at_log) / max(elapsed, 1e-9)
             row = {"step": done, "tokens": tokens, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
                    "tokens_per_s": tok_s, **{k: v for k, v in obj_metrics.items() if k != "tokens_scored"}}
-            if flops_tok is not None and (u := mfu(flops_tok, tok_s, policy.device)) is not None:
+            if flops_tok is not None and (u := mfu(flops_tok, tok_s / world, policy.device)) is not None:
                 row["mfu"] = u
             t_log, tokens_at_log = time.perf_counter(), tokens
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}")
@@ -317,8 +337,9 @@ def train(model: torch.nn.Module, objective: Objective, data: BatchSource, cfg: 
             if main:
                 save_checkpoint(run.path, done, model, optimizer,
                                 {"tokens": done * tokens_per_step, "seed": cfg.seed,
-                                 "data_position": {"micro_batches": done * accum * world, "batch_size": cfg.batch_size},
-                                 "rng": "dropout seed = seed*7919+step; masks seed = seed*1000003+micro-batch index"},
+                                 "data_position": {"micro_batches": done * accum * world, "batch_size": micro_size},
+                                 "rng": "dropout seed = (seed*7919+step)*world+rank; "
+                                        "masks seed = seed*1000003+micro-batch index"},
                                 keep_last=cfg.keep_last)
             if dist is not None:
                 dist.barrier()

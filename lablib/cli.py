@@ -1,0 +1,147 @@
+"""The `lablib` command: run a notebook, sweep a grid, list runs.
+
+    lablib run NOTEBOOK [--preset P] [-p NAME VALUE]... [--run-dir DIR | --resume RUN_DIR]
+    lablib sweep NOTEBOOK --grid NAME=V1,V2 [--grid ...] [-p NAME VALUE]... [--jobs N] [--name NAME]
+    lablib runs [EXPERIMENT]
+    lablib kernel
+
+A bad parameter is refused before any work: one line naming it, what was expected
+and what was given, exit status 2. A failed cell is one line too (which cell, why),
+exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lablib.config import ConfigError, default_preset
+
+EXIT_BAD_INPUT = 2
+
+
+def _params(pairs: list[list[str]] | None, config_cls) -> dict:
+    return {name: config_cls.parse(name, value) for name, value in (pairs or [])}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from lablib.notebooks import NotebookFailed, check_params, execute, inspect
+    from lablib.runs import Run, new_run_id, runs_root
+
+    info = inspect(args.notebook)
+    params = _params(args.param, info.config_cls)
+    preset = args.preset
+    if args.resume:
+        run = Run(args.resume)
+        stored = run.params
+        if not stored:
+            raise ConfigError(f"--resume {args.resume}: expected a run folder with params.json")
+        if params:
+            raise ConfigError("--resume takes the run's own parameters; drop the -p options")
+        preset = stored.get("preset") or preset
+        fields = info.config_cls.fields_by_name()
+        params = {k: v for k, v in stored.items() if k in fields}
+        run_dir = run.path
+    else:
+        run_dir = Path(args.run_dir).resolve() if args.run_dir else runs_root() / info.experiment / new_run_id()
+    preset = preset or default_preset()
+    cell, overrides = check_params(info, preset, params)
+    if not args.quiet:
+        print(f"lablib: running {info.path.name} (preset {preset}) into {run_dir}", file=sys.stderr)
+    try:
+        execute(info, run_dir, preset, cell, overrides, progress=not args.quiet)
+    except NotebookFailed as e:
+        if (run_dir / "params.json").is_file():
+            Run(run_dir).set_status("failed", error=str(e))
+        print(f"lablib: {e}", file=sys.stderr)
+        return 1
+    run = Run(run_dir)
+    if run.status.get("status") != "done":
+        run.set_status("done")
+    print(run_dir)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from lablib.notebooks import inspect
+    from lablib.sweep import run_sweep
+
+    config_cls = inspect(args.notebook).config_cls
+    grid = {}
+    for spec in args.grid:
+        name, sep, values = spec.partition("=")
+        if not sep or not values:
+            raise ConfigError(f"--grid {spec!r}: expected NAME=V1,V2,...")
+        grid[name] = [config_cls.parse(name, v) for v in values.split(",")]
+    table = run_sweep(args.notebook, grid, preset=args.preset, params=_params(args.param, config_cls), jobs=args.jobs,
+                      name=args.name, progress=True)
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(table.drop(columns=["run_dir"]).to_string(index=False))
+    failed = int((table["status"] != "done").sum())
+    print(f"{len(table) - failed} done, {failed} not done; table: {Path(table['run_dir'].iloc[0]).parent / 'sweep.csv'}")
+    return 0 if failed == 0 else 1
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from lablib.runs import runs_table
+
+    table = runs_table(args.experiment)
+    if table.empty:
+        print("no runs" + (f" of {args.experiment}" if args.experiment else ""))
+        return 0
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
+        print(table.to_string(index=False))
+    return 0
+
+
+def cmd_kernel(args: argparse.Namespace) -> int:
+    from lablib.notebooks import ensure_kernel
+
+    print(f"kernel {ensure_kernel()!r} registered for {sys.executable}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lablib", description="Run, sweep and list the lab's notebook experiments.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="execute a notebook into a new run folder")
+    run.add_argument("notebook")
+    run.add_argument("--preset", choices=["smoke", "cpu", "gpu"], help="default: $LABLIB_PRESET or cpu")
+    run.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"))
+    where = run.add_mutually_exclusive_group()
+    where.add_argument("--run-dir", help="write into this folder instead of runs/<experiment>/<run-id>")
+    where.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its newest checkpoint")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=cmd_run)
+    sw = sub.add_parser("sweep", help="run a notebook over a grid of parameters")
+    sw.add_argument("notebook")
+    sw.add_argument("--grid", action="append", required=True, metavar="NAME=V1,V2")
+    sw.add_argument("--preset", choices=["smoke", "cpu", "gpu"])
+    sw.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"))
+    sw.add_argument("--jobs", type=int, help="parallel processes (default: half the cores)")
+    sw.add_argument("--name", help="sweep folder name (default: derived from the grid, stable across restarts)")
+    sw.set_defaults(func=cmd_sweep)
+    ls = sub.add_parser("runs", help="list runs with status, key params and headline results")
+    ls.add_argument("experiment", nargs="?")
+    ls.set_defaults(func=cmd_runs)
+    k = sub.add_parser("kernel", help="register the 'lablib' Jupyter kernel for this environment")
+    k.set_defaults(func=cmd_kernel)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"lablib: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Executing experiment notebooks: parameter checks, the Jupyter kernel, papermill.
+
+Notable here:
+- A notebook names its experiment and config class in its metadata
+  (`"lablib": {"experiment": ..., "config": "module:Class"}`). `check_params` validates
+  `-p` values against that class and the notebook's parameters cell before anything
+  runs; names the cell does not list travel in the `overrides` dict.
+- `ensure_kernel()` registers a `lablib` kernel in this environment's prefix that
+  starts this very Python, so papermill never hits "No such kernel" or runs in
+  another environment.
+- `execute(...)` runs the notebook into its run folder and turns a failed cell into
+  one line: which cell, which exception, what it said.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lablib.config import Config, ConfigError, default_preset
+
+KERNEL_NAME = "lablib"
+RESERVED = ("preset", "run_dir", "overrides")
+
+
+@dataclass
+class NotebookInfo:
+    path: Path
+    experiment: str
+    config_cls: type[Config]
+    cell_params: dict[str, Any]  # name -> papermill's inspection (default, inferred type)
+
+
+def experiment_name(path: Path) -> str:
+    """'00_quickstart.ipynb' -> 'quickstart'."""
+    stem = path.stem
+    head, _, tail = stem.partition("_")
+    return tail if head.isdigit() and tail else stem
+
+
+def inspect(path: str | Path) -> NotebookInfo:
+    import nbformat
+    import papermill
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"notebook {str(path)!r} not found; expected a path to an .ipynb file")
+    nb = nbformat.read(path, as_version=4)
+    meta = nb.metadata.get("lablib", {})
+    if "config" not in meta:
+        raise ConfigError(f"notebook {path.name}: expected metadata 'lablib.config' naming its config class")
+    module, _, name = meta["config"].partition(":")
+    config_cls = getattr(importlib.import_module(module), name)
+    cell_params = papermill.inspect_notebook(str(path))
+    return NotebookInfo(path, meta.get("experiment") or experiment_name(path), config_cls, cell_params)
+
+
+def check_params(info: NotebookInfo, preset: str | None, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Validate params before any work. Returns (parameters-cell values, overrides)."""
+    known = set(info.config_cls.fields_by_name()) | set(info.cell_params)
+    cell, overrides = {}, {}
+    for name, value in params.items():
+        if name in RESERVED:
+            raise ConfigError(f"parameter {name!r} is set by lablib run itself; use --preset / --run-dir / -p NAME VALUE")
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown parameter {name!r} for {info.path.name}{hint}")
+        if name in info.config_cls.fields_by_name():
+            value = info.config_cls.check(name, value)
+        (cell if name in info.cell_params else overrides)[name] = value
+    config_values = {k: v for k, v in params.items() if k in info.config_cls.fields_by_name()}
+    info.config_cls.resolve(preset or default_preset(), **config_values)  # cross-field checks, before any work
+    return cell, overrides
+
+
+def ensure_kernel() -> str:
+    """Register (once) a Jupyter kernel named 'lablib' that runs this environment's Python."""
+    folder = Path(sys.prefix) / "share" / "jupyter" / "kernels" / KERNEL_NAME
+    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": "Python (lablib)", "language": "python", "metadata": {"debugger": True}}
+    path = folder / "kernel.json"
+    if not path.is_file() or json.loads(path.read_text()).get("argv") != spec["argv"]:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(spec, indent=1))
+    return KERNEL_NAME
+
+
+class NotebookFailed(RuntimeError):
+    """A cell raised; the message is one line saying which cell and why."""
+
+
+def execute(info: NotebookInfo, run_dir: Path, preset: str, cell: dict[str, Any], overrides: dict[str, Any],
+            progress: bool = True) -> Path:
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    output = run_dir / "notebook.ipynb"
+    parameters = {"preset": preset, "run_dir": str(run_dir), **cell}
+    if overrides:
+        parameters["overrides"] = overrides
+    try:
+        papermill.execute_notebook(str(info.path), str(output), parameters=parameters, kernel_name=ensure_kernel(),
+                                   cwd=os.getcwd(), progress_bar=progress, log_output=False)
+    except PapermillExecutionError as e:
+        message = str(e.evalue).strip().splitlines()[-1] if str(e.evalue).strip() else ""
+        raise NotebookFailed(f"cell {e.exec_count} of {info.path.name} failed: {e.ename}: {message} "
+                             f"(executed notebook: {output})") from None
+    return output

@@ -1,0 +1,1 @@
+"""Synthetic task generators (vectorized or fast, seeded) and their evaluators."""

@@ -1,0 +1,535 @@
+"""Causal transitivity learnt from axiom demonstrations (Vashishtha et al., 2024, arXiv:2407.07612).
+
+Notable here:
+- The text interface is fixed. A causal graph is written as premises, one statement per
+  edge, `"X causes Y."`, joined by single spaces; the model reads
+  `"<premises> Does <A> cause <B>? "` and the answer is the continuation `Yes` or `No`.
+  `answer(model, tokenizer, premises, a, b)` returns P(Yes) =
+  exp(log p(Yes)) / (exp(log p(Yes)) + exp(log p(No))), where each log p sums the
+  continuation's character log-probabilities. Training puts the loss on the answer
+  characters only (`AnswerLoss`). Tokenization is character-level over `ALPHABET`.
+- Format as in the paper's repository (github.com/AniketVashishtha/Causal_Axioms): node
+  names are random 1-3 character alphanumeric strings; the label is `Yes` exactly when a
+  directed path leads from A to B (transitive closure, checked against networkx in tests).
+- Training data (the paper's "linear chains with noisy variations"): chains of 3-6 nodes
+  whose edges each point backwards with probability `flip_prob` and whose statements are
+  shuffled with probability `shuffle_prob`; per batch exactly half the questions are `Yes`,
+  and questions are drawn uniformly over all ordered pairs with the wanted label (direct
+  edges, multi-hop paths, reversed pairs, unconnected pairs).
+- Evaluation sets, each with exactly `eval_examples` questions per size, half `Yes`:
+  `in_distribution` (training's distribution, 3-6 nodes), `chain` (7-15 and 20 nodes, edges
+  flipped as in training, statements in chain order: the paper's longer chains),
+  `reversed` (sequential chains with the statements in reverse order), and `branch_1.4` /
+  `branch_2` (Erdos-Renyi DAGs with int(factor * nodes) edges on 5-12 nodes, statements in
+  random order, as in the paper's graph generator).
+- Training and evaluation graphs are disjoint by construction: a graph (its named edge set,
+  whatever the statement order) belongs to evaluation when the CRC32 of its key is
+  divisible by `EVAL_SHARE`; the training stream rejects those graphs and the evaluation
+  sets draw only them.
+- `TransitivityBatches.batch(index, batch_size, seed)` is a pure function of its arguments
+  (fresh examples, never a fixed dataset), padded with the pad id to `seq_len + 1` tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import string
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable, Literal
+
+import networkx as nx
+import numpy as np
+import torch
+
+from lablib.config import ConfigError, ModelConfig, TrainConfig, knob
+from lablib.data import Tokenizer, char_tokenizer
+from lablib.models import Transformer
+from lablib.objectives import IGNORE, token_cross_entropy
+
+NAME_CHARS = string.ascii_letters + string.digits
+ALPHABET = NAME_CHARS + " .?"  # every character the task's text can hold
+ANSWERS = {True: "Yes", False: "No"}
+EVAL_SHARE = 8  # one graph in 8 (by key hash) is reserved for evaluation
+LONGEST_NAME = 3
+
+
+# --- graphs ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CausalGraph:
+    """Named nodes and directed edges (cause, effect), in the order the premises state them."""
+
+    names: tuple[str, ...]
+    edges: tuple[tuple[int, int], ...]
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.names)
+
+    def premises(self) -> str:
+        return " ".join(f"{self.names[c]} causes {self.names[e]}." for c, e in self.edges)
+
+    def key(self) -> str:
+        """The graph's identity: its named edges, sorted, so statement order does not matter."""
+        return "|".join(sorted(f"{self.names[c]}>{self.names[e]}" for c, e in self.edges))
+
+    def reachability(self) -> np.ndarray:
+        """(n, n) bool: [a, b] is True when a directed path of one or more edges leads from a to b."""
+        n = self.n_nodes
+        reach = np.zeros((n, n), dtype=bool)
+        for c, e in self.edges:
+            reach[c, e] = True
+        for k in range(n):  # Warshall's transitive closure, one row-broadcast per pivot
+            reach |= reach[:, k:k + 1] & reach[k:k + 1, :]
+        return reach
+
+    def to_networkx(self) -> nx.DiGraph:
+        g = nx.DiGraph()
+        g.add_nodes_from(self.names)
+        g.add_edges_from((self.names[c], self.names[e]) for c, e in self.edges)
+        return g
+
+
+def is_evaluation_graph(graph: CausalGraph) -> bool:
+    return zlib.crc32(graph.key().encode()) % EVAL_SHARE == 0
+
+
+def random_names(rng: np.random.Generator, n: int) -> tuple[str, ...]:
+    """n distinct names of 1-3 alphanumeric characters (all drawn at once; redrawn on a clash)."""
+    while True:
+        lengths = rng.integers(1, LONGEST_NAME + 1, n)
+        chars = rng.integers(0, len(NAME_CHARS), (n, LONGEST_NAME))
+        names = tuple("".join(NAME_CHARS[c] for c in row[:k]) for row, k in zip(chars.tolist(), lengths.tolist()))
+        if len(set(names)) == n:
+            return names
+
+
+def named_graph(rng: np.random.Generator, n_nodes: int, edges: list[tuple[int, int]], evaluation: bool) -> CausalGraph:
+    """Name the nodes of `edges`, redrawing names until the graph falls on the wanted side of the split."""
+    while True:
+        graph = CausalGraph(random_names(rng, n_nodes), tuple(edges))
+        if is_evaluation_graph(graph) == evaluation:
+            return graph
+
+
+STATEMENT_ORDERS: dict[str, Callable[[np.random.Generator, list], list]] = {
+    "chain": lambda rng, edges: edges,
+    "reversed": lambda rng, edges: edges[::-1],
+    "shuffled": lambda rng, edges: [edges[i] for i in rng.permutation(len(edges))],
+}
+
+
+def linear_chain(rng: np.random.Generator, n_nodes: int, flip_prob: float = 0.0, order: str = "chain",
+                 evaluation: bool = False) -> CausalGraph:
+    """Nodes 0 - 1 - ... - n-1 in a line; each edge points forwards, or backwards with flip_prob."""
+    flips = rng.random(n_nodes - 1) < flip_prob
+    edges = [(i + 1, i) if flip else (i, i + 1) for i, flip in enumerate(flips.tolist())]
+    return named_graph(rng, n_nodes, STATEMENT_ORDERS[order](rng, edges), evaluation)
+
+
+def branching_dag(rng: np.random.Generator, n_nodes: int, factor: float, evaluation: bool = False) -> CausalGraph:
+    """The paper's branching graphs: an Erdos-Renyi graph with int(factor * n) edges, each edge
+    oriented along a random node order (so the graph is a DAG), statements in random order."""
+    n_edges = min(int(factor * n_nodes), n_nodes * (n_nodes - 1) // 2)
+    undirected = nx.gnm_random_graph(n_nodes, n_edges, seed=int(rng.integers(2**31)))
+    rank = rng.permutation(n_nodes)
+    edges = [(u, v) if rank[u] < rank[v] else (v, u) for u, v in undirected.edges()]
+    return named_graph(rng, n_nodes, STATEMENT_ORDERS["shuffled"](rng, edges), evaluation)
+
+
+# --- questions ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Example:
+    graph: CausalGraph
+    a: int
+    b: int
+    label: bool  # True: a directed path leads from a to b
+
+    @property
+    def prompt(self) -> str:
+        return question_prompt(self.graph.premises(), self.graph.names[self.a], self.graph.names[self.b])
+
+    @property
+    def answer(self) -> str:
+        return ANSWERS[self.label]
+
+
+def question_prompt(premises: str, a: str, b: str) -> str:
+    """The fixed text interface: what the model reads before it answers."""
+    return f"{premises} Does {a} cause {b}? "
+
+
+def ask(rng: np.random.Generator, graph: CausalGraph, label: bool) -> Example:
+    """A question about `graph` whose answer is `label`, uniform over the ordered pairs that have it."""
+    reach = graph.reachability()
+    candidates = np.argwhere((reach == label) & ~np.eye(graph.n_nodes, dtype=bool))
+    if len(candidates) == 0:
+        raise ValueError(f"graph {graph.key()!r} has no pair with answer {ANSWERS[label]}")
+    a, b = candidates[rng.integers(len(candidates))]
+    return Example(graph, int(a), int(b), label)
+
+
+def balanced_labels(rng: np.random.Generator, n: int) -> np.ndarray:
+    """n labels, exactly half True (one more False when n is odd), in random order."""
+    return rng.permutation(np.arange(n) < n // 2)
+
+
+# --- config --------------------------------------------------------------------------------
+
+def longest_text(n_edges: int) -> int:
+    """Characters of the longest prompt + answer with n_edges statements (3-character names)."""
+    statement = len(f"{'x' * LONGEST_NAME} causes {'x' * LONGEST_NAME}.")
+    question = len(question_prompt("", "x" * LONGEST_NAME, "x" * LONGEST_NAME))
+    return n_edges * (statement + 1) - 1 + question + max(len(a) for a in ANSWERS.values())
+
+
+@dataclass
+class CausalAxiomsConfig(ModelConfig, TrainConfig):
+    """One transformer trained on transitivity demonstrations and scored on the evaluation sets."""
+
+    train_min_nodes: int = knob(3, "fewest nodes in a training chain", min=2)
+    train_max_nodes: int = knob(6, "most nodes in a training chain", min=2)
+    flip_prob: float = knob(0.5, "chance that an edge of a training (and `chain` eval) chain points backwards",
+                            min=0.0, max=1.0)
+    shuffle_prob: float = knob(0.5, "chance that a training chain's statements come in random order",
+                               min=0.0, max=1.0)
+    eval_chain_lengths: list[int] = knob([7, 8, 9, 10, 11, 12, 13, 14, 15, 20], "nodes of the longer `chain` set")
+    reversed_lengths: list[int] = knob([3, 4, 5, 6, 7, 8, 9, 10], "nodes of the `reversed` chains")
+    branching_nodes: list[int] = knob([5, 8, 10, 12], "nodes of the branching graphs")
+    branching_factors: list[float] = knob([1.4, 2.0], "edges per node of the branching graphs")
+    eval_examples: int = knob(200, "questions per evaluation set and size (even: half Yes, half No)", min=2)
+    eval_seed: int = knob(2024, "seed of the evaluation sets (the same for every run)", min=0)
+    eval_batch_size: int = knob(128, "questions per forward pass when evaluating", min=1)
+    accuracy_every: int = knob(200, "steps between in-distribution accuracy checks while training", min=1)
+    seq_len: int = knob(104, "training sequences are padded to seq_len + 1 tokens (longest 6-node chain + answer)", min=2)
+    max_seq_len: int = knob(416, "longest sequence the model accepts: a 12-node graph with 24 statements + answer", min=1)
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        # seconds: plumbing only
+        "smoke": dict(n_layer=1, n_head=2, d_model=32, steps=20, batch_size=16, warmup_steps=2,
+                      eval_examples=8, eval_chain_lengths=[7, 20], reversed_lengths=[4], branching_nodes=[5, 12],
+                      eval_every=10, eval_batches=1, log_every=5, checkpoint_every=10, accuracy_every=10),
+        # minutes on 2 cores: the best encoding reaches >= 0.95 in distribution
+        "cpu": dict(n_layer=4, n_head=4, d_model=64, steps=1500, batch_size=64, warmup_steps=100,
+                    learning_rate=2e-3, eval_every=250, eval_batches=2, log_every=25, checkpoint_every=500,
+                    accuracy_every=250),
+        # the paper's shape (12 layers, width 512, 8 heads) at a GPU's budget
+        "gpu": dict(n_layer=12, n_head=8, d_model=512, steps=20000, batch_size=128, warmup_steps=1000,
+                    learning_rate=3e-4, eval_examples=500, eval_every=1000, eval_batches=8, log_every=50,
+                    checkpoint_every=2000, accuracy_every=1000),
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        if self.train_max_nodes < self.train_min_nodes:
+            raise ConfigError(f"parameter 'train_max_nodes': expected at least train_min_nodes={self.train_min_nodes}, "
+                              f"got {self.train_max_nodes}")
+        if self.eval_examples % 2:
+            raise ConfigError(f"parameter 'eval_examples': expected an even number (half Yes, half No), "
+                              f"got {self.eval_examples}")
+        for name in ("eval_chain_lengths", "reversed_lengths", "branching_nodes"):
+            small = [n for n in getattr(self, name) if n < 2]
+            if small:
+                raise ConfigError(f"parameter {name!r}: expected node counts >= 2, got {getattr(self, name)}")
+        bad_factors = [f for f in self.branching_factors if f <= 0]
+        if bad_factors:
+            raise ConfigError(f"parameter 'branching_factors': expected positive numbers, got {self.branching_factors}")
+        need_train = longest_text(self.train_max_nodes - 1)
+        if self.seq_len + 1 < need_train:
+            raise ConfigError(f"parameter 'seq_len': expected at least {need_train - 1} (the longest "
+                              f"{self.train_max_nodes}-node chain and its answer), got {self.seq_len}")
+        need_eval = max(need_train, *(longest_text(n_edges) for n_edges in evaluation_edge_counts(self)))
+        if self.max_seq_len < need_eval:
+            raise ConfigError(f"parameter 'max_seq_len': expected at least {need_eval} (the longest evaluation "
+                              f"question), got {self.max_seq_len}")
+
+
+ENCODINGS = ("none", "learned", "sinusoidal", "rope")
+
+
+@dataclass
+class CausalAxiomsStudyConfig(CausalAxiomsConfig):
+    """The positional-encoding study: one CausalAxiomsConfig run per (encoding, seed), through lablib.sweep."""
+
+    encodings: list[Literal["none", "learned", "sinusoidal", "rope"]] = knob(list(ENCODINGS), "positional encodings to compare")
+    seeds: list[int] = knob([0, 1, 2], "training seeds per encoding")
+    jobs: int | None = knob(None, "runs in parallel (None: lablib.sweep's choice)", min=1)
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "smoke": {**CausalAxiomsConfig.presets["smoke"], "encodings": ["none", "rope"], "seeds": [0], "jobs": 2},
+        "cpu": {**CausalAxiomsConfig.presets["cpu"], "jobs": 2},  # 2 one-thread jobs beat 1 two-thread job on small models
+        "gpu": {**CausalAxiomsConfig.presets["gpu"], "seeds": [0, 1, 2], "jobs": 1},
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.encodings or not self.seeds:
+            raise ConfigError(f"parameters 'encodings' and 'seeds': expected non-empty lists, got "
+                              f"{self.encodings!r} and {self.seeds!r}")
+
+    def run_overrides(self) -> dict[str, Any]:
+        """The per-run knobs that differ from their preset's values (pos and seed come from the grid)."""
+        base = CausalAxiomsConfig.resolve(self.preset)
+        return {name: getattr(self, name) for name in CausalAxiomsConfig.fields_by_name()
+                if name not in ("pos", "seed") and getattr(self, name) != getattr(base, name)}
+
+
+def evaluation_edge_counts(cfg: CausalAxiomsConfig) -> list[int]:
+    chains = [n - 1 for n in (*cfg.eval_chain_lengths, *cfg.reversed_lengths)]
+    branches = [min(int(f * n), n * (n - 1) // 2) for f in cfg.branching_factors for n in cfg.branching_nodes]
+    return chains + branches
+
+
+# --- data ------------------------------------------------------------------------------------
+
+def task_tokenizer() -> Tokenizer:
+    """One token per character of ALPHABET, plus the lab's special tokens."""
+    return char_tokenizer([ALPHABET])
+
+
+def training_chain(rng: np.random.Generator, cfg: CausalAxiomsConfig, n_nodes: int, evaluation: bool) -> CausalGraph:
+    """A chain from the training distribution: flipped edges, statements shuffled with shuffle_prob."""
+    order = "shuffled" if rng.random() < cfg.shuffle_prob else "chain"
+    return linear_chain(rng, n_nodes, cfg.flip_prob, order, evaluation)
+
+
+def training_examples(rng: np.random.Generator, cfg: CausalAxiomsConfig, n: int, evaluation: bool = False) -> list[Example]:
+    """n questions from the training distribution (from the evaluation share when evaluation=True)."""
+    sizes = rng.integers(cfg.train_min_nodes, cfg.train_max_nodes + 1, n).tolist()
+    return [ask(rng, training_chain(rng, cfg, size, evaluation), bool(label))
+            for size, label in zip(sizes, balanced_labels(rng, n).tolist())]
+
+
+def encode_examples(tokenizer: Tokenizer, texts: list[str], answer_lengths: list[int],
+                    length: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded token ids (B, length) and a mask of the answer characters (the last answer_length of each text)."""
+    ids = tokenizer.encode_batch(texts)
+    longest = max(len(x) for x in ids)
+    length = length or longest
+    if longest > length:
+        raise ValueError(f"an example has {longest} tokens, more than the padded length {length}")
+    tokens = torch.full((len(ids), length), tokenizer.pad_id, dtype=torch.long)
+    answer_mask = torch.zeros((len(ids), length), dtype=torch.bool)
+    for row, (x, n_answer) in enumerate(zip(ids, answer_lengths)):
+        tokens[row, :len(x)] = torch.tensor(x)
+        answer_mask[row, len(x) - n_answer:len(x)] = True
+    return {"tokens": tokens, "answer_mask": answer_mask}
+
+
+def encode_answered(tokenizer: Tokenizer, examples: list[Example], length: int | None = None) -> dict[str, torch.Tensor]:
+    return encode_examples(tokenizer, [e.prompt + e.answer for e in examples], [len(e.answer) for e in examples], length)
+
+
+@dataclass
+class TransitivityBatches:
+    """Fresh training questions: micro-batch `index` is a pure function of (seed, index)."""
+
+    cfg: CausalAxiomsConfig
+    tokenizer: Tokenizer
+
+    def batch(self, index: int, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([seed, index])
+        return encode_answered(self.tokenizer, training_examples(rng, self.cfg, batch_size), self.cfg.seq_len + 1)
+
+
+@dataclass
+class AnswerLoss:
+    """Cross-entropy on the answer characters only; reports how often the first one is right."""
+
+    name: str = "answer"
+
+    def __call__(self, model, batch, generator):
+        tokens, answer = batch["tokens"], batch["answer_mask"]
+        logits = model(tokens[:, :-1], mask="causal")
+        labels = tokens[:, 1:].masked_fill(~answer[:, 1:], IGNORE)  # input position i predicts token i+1
+        loss, n = token_cross_entropy(logits, labels)
+        first = answer[:, 1:] & ~answer[:, :-1]  # the position that decides Yes (Y) or No (N)
+        first_right = (logits.argmax(-1) == labels)[first].float().mean()
+        return loss, {"tokens_scored": n, "answer_accuracy": float(first_right)}
+
+
+# --- evaluation sets -----------------------------------------------------------------------------
+
+def evaluation_makers(cfg: CausalAxiomsConfig) -> dict[str, tuple[list[int], Callable[[np.random.Generator, int], CausalGraph]]]:
+    """Set name -> (sizes in nodes, maker(rng, nodes) of evaluation-share graphs)."""
+    train_sizes = list(range(cfg.train_min_nodes, cfg.train_max_nodes + 1))
+    makers = {
+        "in_distribution": (train_sizes, lambda rng, n: training_chain(rng, cfg, n, evaluation=True)),
+        "chain": (list(cfg.eval_chain_lengths),
+                  lambda rng, n: linear_chain(rng, n, cfg.flip_prob, "chain", evaluation=True)),
+        "reversed": (list(cfg.reversed_lengths), lambda rng, n: linear_chain(rng, n, 0.0, "reversed", evaluation=True)),
+    }
+    for factor in cfg.branching_factors:
+        makers[f"branch_{factor:g}"] = (list(cfg.branching_nodes),
+                                        lambda rng, n, f=factor: branching_dag(rng, n, f, evaluation=True))
+    return makers
+
+
+def evaluation_sets(cfg: CausalAxiomsConfig) -> dict[str, dict[int, list[Example]]]:
+    """Set name -> nodes -> eval_examples questions (half Yes), all on evaluation-share graphs.
+
+    Seeded by (eval_seed, set, size) only, so every run of a sweep sees the same questions.
+    """
+    sets: dict[str, dict[int, list[Example]]] = {}
+    for set_index, (name, (sizes, make)) in enumerate(evaluation_makers(cfg).items()):
+        sets[name] = {}
+        for n in sizes:
+            rng = np.random.default_rng([cfg.eval_seed, set_index, n])
+            sets[name][n] = [ask(rng, make(rng, n), bool(label)) for label in balanced_labels(rng, cfg.eval_examples)]
+    return sets
+
+
+# --- answering ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def answer_log_probs(model: Transformer, tokenizer: Tokenizer, prompts: list[str],
+                     batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """(log p(Yes | prompt), log p(No | prompt)) for each prompt: sums over the answer's characters."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = {label: np.zeros(len(prompts)) for label in ANSWERS}
+    order = np.argsort([len(p) for p in prompts])  # similar lengths share a batch: less padding
+    for start in range(0, len(prompts), batch_size):
+        rows = order[start:start + batch_size]
+        for label, word in ANSWERS.items():
+            batch = encode_examples(tokenizer, [prompts[i] + word for i in rows], [len(word)] * len(rows))
+            tokens, answer = batch["tokens"].to(device), batch["answer_mask"].to(device)
+            logp = torch.log_softmax(model(tokens[:, :-1], mask="causal").float(), dim=-1)
+            picked = logp.gather(-1, tokens[:, 1:, None])[..., 0]
+            out[label][rows] = (picked * answer[:, 1:]).sum(-1).cpu().numpy()
+    model.train(was_training)
+    return out[True], out[False]
+
+
+def yes_probabilities(model: Transformer, tokenizer: Tokenizer, prompts: list[str], batch_size: int = 128) -> np.ndarray:
+    lp_yes, lp_no = answer_log_probs(model, tokenizer, prompts, batch_size)
+    return 1.0 / (1.0 + np.exp(lp_no - lp_yes))
+
+
+def answer(model: Transformer, tokenizer: Tokenizer, premises: str, a: str, b: str) -> float:
+    """P(Yes) for "Does a cause b?" given the premises, from the Yes / No continuation log-probabilities."""
+    return float(yes_probabilities(model, tokenizer, [question_prompt(premises, a, b)])[0])
+
+
+def accuracy(model: Transformer, tokenizer: Tokenizer, examples: list[Example], batch_size: int = 128) -> float:
+    p_yes = yes_probabilities(model, tokenizer, [e.prompt for e in examples], batch_size)
+    return float(np.mean((p_yes > 0.5) == np.array([e.label for e in examples])))
+
+
+def evaluate_sets(model: Transformer, tokenizer: Tokenizer, sets: dict[str, dict[int, list[Example]]],
+                  batch_size: int = 128, progress: bool = True) -> dict[str, dict[int, float]]:
+    """Accuracy per evaluation set and size."""
+    from tqdm.auto import tqdm
+
+    jobs = [(name, n) for name, by_size in sets.items() for n in by_size]
+    return_value: dict[str, dict[int, float]] = {name: {} for name in sets}
+    for name, n in tqdm(jobs, desc="evaluate", disable=not progress):
+        return_value[name][n] = accuracy(model, tokenizer, sets[name][n], batch_size)
+    return return_value
+
+
+def flat_accuracies(accuracies: dict[str, dict[int, float]]) -> dict[str, float]:
+    """{"acc/<set>/<nodes>": accuracy} plus "acc/<set>" (mean over sizes): flat, so sweep tables can hold it."""
+    flat = {f"acc/{name}/{n}": acc for name, by_size in accuracies.items() for n, acc in by_size.items()}
+    flat.update({f"acc/{name}": float(np.mean(list(by_size.values()))) for name, by_size in accuracies.items()})
+    return flat
+
+
+# --- one run ---------------------------------------------------------------------------------------------
+
+def hardware_record(cfg: CausalAxiomsConfig) -> dict[str, Any]:
+    from lablib.train import policy_record, resolve_hardware
+
+    return policy_record(resolve_hardware(cfg.project(TrainConfig)))
+
+
+def build_model(cfg: CausalAxiomsConfig, tokenizer: Tokenizer) -> Transformer:
+    model_cfg = dataclasses.replace(cfg.project(ModelConfig), vocab_size=tokenizer.vocab_size, mask="causal")
+    torch.manual_seed(cfg.seed)
+    return Transformer(model_cfg)
+
+
+def train_model(cfg: CausalAxiomsConfig, run=None, *, progress: bool = True):
+    """Tokenizer (saved to the run), model and training on fresh chains; returns (model, tokenizer, TrainResult).
+
+    While training, metrics.jsonl gets val_loss on fixed held-out batches and
+    `val_accuracy` on in-distribution evaluation-share questions every accuracy_every steps.
+    """
+    from lablib.train import train
+
+    tokenizer = task_tokenizer()
+    if run is not None:
+        tokenizer.save(run.path / "tokenizer.json")
+    model = build_model(cfg, tokenizer)
+    rng = np.random.default_rng([cfg.eval_seed, 999])
+    held_out = training_examples(rng, cfg, cfg.eval_batches * cfg.batch_size + 256, evaluation=True)
+    val = [encode_answered(tokenizer, held_out[i * cfg.batch_size:(i + 1) * cfg.batch_size], cfg.seq_len + 1)
+           for i in range(cfg.eval_batches)]
+    probe = held_out[cfg.eval_batches * cfg.batch_size:]
+
+    def val_accuracy(step: int, m: Transformer) -> dict[str, float]:
+        return {"val_accuracy": accuracy(m, tokenizer, probe, cfg.eval_batch_size)}
+
+    result = train(model, AnswerLoss(), TransitivityBatches(cfg, tokenizer), cfg.project(TrainConfig), run,
+                   val=val, callbacks=[(cfg.accuracy_every, val_accuracy)], progress=progress)
+    return model, tokenizer, result
+
+
+def summarize_seeds(table, encodings: Iterable[str]):
+    """Long table (one row per encoding x set x nodes) of mean / std / min / max accuracy over seeds.
+
+    `table`: one row per run with columns `pos`, `seed` and the flat `acc/<set>/<nodes>` numbers.
+    """
+    import pandas as pd
+
+    rows = []
+    for column in [c for c in table.columns if c.startswith("acc/") and c.count("/") == 2]:
+        _, name, n = column.split("/")
+        for pos in encodings:
+            values = table.loc[table["pos"] == pos, column].dropna().to_numpy(dtype=float)
+            if len(values):
+                rows.append({"pos": pos, "set": name, "nodes": int(n), "mean": values.mean(),
+                             "std": values.std(ddof=1) if len(values) > 1 else 0.0,
+                             "min": values.min(), "max": values.max(), "seeds": len(values)})
+    return pd.DataFrame(rows)
+
+
+def headline_groups(cfg: CausalAxiomsConfig) -> dict[str, tuple[str, list[int]]]:
+    """The study's headline numbers: name -> (evaluation set, sizes averaged over)."""
+    chains = list(cfg.eval_chain_lengths)
+    groups = {"in_distribution": ("in_distribution", list(range(cfg.train_min_nodes, cfg.train_max_nodes + 1))),
+              "chain_7_10": ("chain", [n for n in chains if 7 <= n <= 10]),
+              "chain_11_15": ("chain", [n for n in chains if 11 <= n <= 15]),
+              "chain_20": ("chain", [n for n in chains if n == 20]),
+              "reversed": ("reversed", list(cfg.reversed_lengths))}
+    groups.update({f"branch_{f:g}": (f"branch_{f:g}", list(cfg.branching_nodes)) for f in cfg.branching_factors})
+    return {name: (set_name, sizes) for name, (set_name, sizes) in groups.items() if sizes}
+
+
+def headline_table(table, cfg: CausalAxiomsConfig, encodings: Iterable[str]):
+    """One row per (encoding, headline group): accuracy averaged over the group's sizes for each
+    seed, then mean / std / min / max over seeds, and the per-seed values."""
+    import pandas as pd
+
+    rows = []
+    for group, (set_name, sizes) in headline_groups(cfg).items():
+        columns = [f"acc/{set_name}/{n}" for n in sizes]
+        if not all(c in table.columns for c in columns):
+            continue
+        for pos in encodings:
+            per_seed = table.loc[table["pos"] == pos].dropna(subset=columns)
+            values = per_seed[columns].to_numpy(dtype=float).mean(axis=1)
+            if len(values):
+                rows.append({"pos": pos, "group": group, "mean": values.mean(),
+                             "std": values.std(ddof=1) if len(values) > 1 else 0.0, "min": values.min(),
+                             "max": values.max(), "per_seed": dict(zip(per_seed["seed"].tolist(), values.round(4).tolist()))})
+    return pd.DataFrame(rows)
+
+
+def chance_interval(n_questions: int, z: float = 1.96) -> float:
+    """Half-width of the 95% band around 0.5 for an accuracy measured on n balanced questions by a coin."""
+    return z * math.sqrt(0.25 / n_questions)

@@ -1,0 +1,461 @@
+"""A fictional world of people and facts, its probes, and the reversal-curse data.
+
+Notable here:
+- `make_world(...)` draws people with two-word invented names (a first and a last name
+  from shared pools, so a name is a two-token chunk), a birth year, a home city and an
+  employer; every employer is based in a city. Everything is seeded.
+- A fact is rendered through paraphrase templates (`TEMPLATES`); every template ends
+  with the object, so a probe is "template prefix -> object tokens". The last template
+  of each relation is held out of injected text and used as the semantic probe.
+- Probes of three kinds (`probes_for`): memorization (the injected sentence's own
+  prefix), semantic (a held-out paraphrase) and compositional (a two-hop question:
+  where is this person's employer based?). `target_logprobs` scores each probe as the
+  summed log-probability of exactly its target tokens.
+- `word_tokenizer` gives every word its own token (a `tokenizers` WordLevel model), so a
+  name is exactly two tokens and a chunk of a sentence is a run of whole tokens.
+- The reversal curse: `ReversalData` holds parent/child pairs; some pairs are shown in
+  both directions (to teach the reverse wording), the test pairs forward only.
+  `REVERSAL_VARIANTS` is the table of training-text transforms (plain, token-level
+  reversal, chunk-level reversal, random chunk permutation); `ReversalStream` packs
+  transformed sentences into reproducible training rows.
+- `name_ranking` scores every entity name as the continuation of a prompt: the
+  target's rank among all names, and greedy exact match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lablib.config import ConfigError, ModelConfig, TrainConfig, knob
+from lablib.data import SPECIAL_TOKENS, Tokenizer
+
+ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "tr", "th"]
+VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
+CODAS = ["", "n", "r", "l", "s", "th", "m"]
+CITY_WORDS = ["Port", "Lake", "New", "Old", "Upper", "East", "West", "Fort"]
+
+# relation -> paraphrase templates; {s} is the subject, {o} the object, which always ends the sentence.
+TEMPLATES: dict[str, list[str]] = {
+    "born": ["{s} was born in {o} .", "{s} came into the world in {o} .", "the birth year of {s} is {o} .",
+             "records say that {s} was born in the year {o} ."],
+    "city": ["{s} lives in {o} .", "{s} has made a home in {o} .", "the home town of {s} is {o} .",
+             "these days {s} resides in the city of {o} ."],
+    "employer": ["{s} works for {o} .", "{s} is employed by {o} .", "the employer of {s} is {o} .",
+                 "every month {s} is paid a salary by {o} ."],
+}
+COMPANY_TEMPLATE = "{s} is based in {o} ."
+TWO_HOP_TEMPLATE = "the employer of {s} is based in {o} ."  # shown for background people, asked of new ones
+N_TRAIN_TEMPLATES = len(TEMPLATES["born"]) - 1  # the last template of each relation is the held-out paraphrase
+PROBE_KINDS = ("memorization", "semantic", "compositional")
+
+
+def invented_words(n: int, rng: np.random.Generator, syllables: tuple[int, int] = (2, 3),
+                   taken: set[str] = frozenset()) -> list[str]:
+    """`n` distinct capitalised pseudo-words made of random syllables, none of them in `taken`."""
+    out: list[str] = []
+    seen = set(taken)
+    while len(out) < n:
+        k = int(rng.integers(syllables[0], syllables[1] + 1))
+        word = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) for _ in range(k)).capitalize()
+        if word not in seen:
+            seen.add(word)
+            out.append(word)
+    return out
+
+
+def two_word_names(n: int, rng: np.random.Generator, pool: int, taken: set[str] = frozenset()) -> list[str]:
+    """`n` distinct "First Last" names built from pools of `pool` first and `pool` last names."""
+    if pool * pool < n:
+        raise ValueError(f"pool: {pool} first x {pool} last names cannot make {n} distinct names")
+    firsts = invented_words(pool, rng, taken=taken)
+    lasts = invented_words(pool, rng, taken=taken | set(firsts))
+    combos = rng.permutation(pool * pool)[:n]
+    return [f"{firsts[c // pool]} {lasts[c % pool]}" for c in combos]
+
+
+@dataclass(frozen=True)
+class Person:
+    name: str
+    born: str
+    city: str
+    employer: str
+
+    def value(self, relation: str) -> str:
+        return getattr(self, relation)
+
+
+@dataclass
+class World:
+    """People (background and new), companies with their home cities, all seeded."""
+
+    background: list[Person]
+    new: list[Person]  # people who never appear in the background text: the facts to inject
+    company_city: dict[str, str]
+
+    @property
+    def people(self) -> list[Person]:
+        return self.background + self.new
+
+
+def make_world(n_background: int, n_new: int, n_companies: int = 12, n_cities: int = 16, seed: int = 0) -> World:
+    rng = np.random.default_rng(seed)
+    names = two_word_names(n_background + n_new, rng, pool=max(8, int(np.ceil(np.sqrt(n_background + n_new))) + 4))
+    taken = {w for n in names for w in n.split()}
+    cities = [f"{rng.choice(CITY_WORDS)}{w.lower()}" for w in invented_words(n_cities, rng, (1, 2), taken)]
+    companies = [f"{w}corp" for w in invented_words(n_companies, rng, (2, 2), taken)]
+    company_city = {c: str(rng.choice(cities)) for c in companies}
+    people = [Person(name, str(int(rng.integers(1850, 2000))), str(rng.choice(cities)), str(rng.choice(companies)))
+              for name in names]
+    return World(people[:n_background], people[n_background:], company_city)
+
+
+def render(template: str, subject: str, obj: str) -> str:
+    return template.format(s=subject, o=obj)
+
+
+def split_probe(template: str, subject: str, obj: str) -> tuple[str, str]:
+    """(prompt, target): the sentence up to its object, and the object."""
+    prefix = template.split("{o}")[0].format(s=subject).strip()
+    return prefix, obj
+
+
+def biography(person: Person, template_index: int | Sequence[int]) -> str:
+    """The person's three facts, each through template `template_index` (one per relation if a sequence)."""
+    idx = [template_index] * len(TEMPLATES) if isinstance(template_index, int) else list(template_index)
+    return " ".join(render(TEMPLATES[rel][i], person.name, person.value(rel)) for rel, i in zip(TEMPLATES, idx))
+
+
+def background_documents(world: World, renders_per_person: int, seed: int = 0) -> list[str]:
+    """Filler text: each background person's biography through random training templates, the
+    two-hop sentence for each of them, and every company's home city."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for _ in range(renders_per_person):
+        for p in world.background:
+            bio = biography(p, rng.integers(0, N_TRAIN_TEMPLATES, len(TEMPLATES)).tolist())
+            two_hop = render(TWO_HOP_TEMPLATE, p.name, world.company_city[p.employer])
+            docs.append(f"{bio} {two_hop}")
+        docs.extend(render(COMPANY_TEMPLATE, c, city) for c, city in world.company_city.items())
+    order = rng.permutation(len(docs))
+    return [docs[i] for i in order]
+
+
+@dataclass(frozen=True)
+class Probe:
+    fact: str  # the person the probe asks about
+    kind: str  # memorization | semantic | compositional
+    prompt: str
+    target: str
+
+
+def probes_for(person: Person, world: World, injected_template: int = 0) -> list[Probe]:
+    """Memorization (the injected wording), semantic (the held-out paraphrase) and compositional probes."""
+    out = []
+    for rel, templates in TEMPLATES.items():
+        for kind, t in (("memorization", templates[injected_template]), ("semantic", templates[-1])):
+            out.append(Probe(person.name, kind, *split_probe(t, person.name, person.value(rel))))
+    out.append(Probe(person.name, "compositional",
+                     *split_probe(TWO_HOP_TEMPLATE, person.name, world.company_city[person.employer])))
+    return out
+
+
+def world_texts(world: World) -> list[str]:
+    """Every sentence the world can produce (for building the tokenizer's vocabulary)."""
+    texts = [biography(p, i) for p in world.people for i in range(len(TEMPLATES["born"]))]
+    texts += [render(TWO_HOP_TEMPLATE, p.name, world.company_city[p.employer]) for p in world.people]
+    texts += [render(COMPANY_TEMPLATE, c, city) for c, city in world.company_city.items()]
+    return texts
+
+
+def word_tokenizer(texts: Sequence[str]) -> Tokenizer:
+    """One token per whitespace-separated word seen in `texts` (sorted), plus the special tokens."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for word in sorted({w for t in texts for w in t.split()}):
+        vocab.setdefault(word, len(vocab))
+    backend = Backend(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    return Tokenizer(backend)
+
+
+# --- scoring -------------------------------------------------------------------------------
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def sequence_logprobs(model: torch.nn.Module, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
+                      batch_size: int = 512) -> torch.Tensor:
+    """log p(target | prompt) summed over exactly the target tokens, one value per pair (float64, CPU).
+
+    Rows are right-padded: under the causal mask padding after the target cannot change it.
+    """
+    if len(prompts) != len(targets):
+        raise ValueError(f"prompts and targets: expected equal lengths, got {len(prompts)} and {len(targets)}")
+    was_training = model.training
+    model.eval()
+    device = _model_device(model)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        ps, ts = prompts[start:start + batch_size], targets[start:start + batch_size]
+        rows = [list(p) + list(t) for p, t in zip(ps, ts)]
+        width = max(map(len, rows))
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        scored = torch.zeros(len(rows), width, dtype=torch.bool)  # True where the *next* token is a target token
+        for i, (p, t) in enumerate(zip(ps, ts)):
+            ids[i, :len(p) + len(t)] = torch.tensor(list(p) + list(t))
+            scored[i, len(p) - 1:len(p) + len(t) - 1] = True
+        logp = F.log_softmax(model(ids.to(device), mask="causal").float(), dim=-1).cpu().double()
+        next_ids = torch.roll(ids, -1, dims=1)
+        token_logp = logp.gather(-1, next_ids[..., None])[..., 0]
+        out.append((token_logp * scored).sum(1))
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def encode_probe(tokenizer: Tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:
+    """Token ids of a probe; the prompt starts with <eos>, as every sentence does in training."""
+    return [tokenizer.eos_id] + tokenizer.encode(prompt), tokenizer.encode(target)
+
+
+def target_logprobs(model: torch.nn.Module, tokenizer: Tokenizer, probes: Sequence[Probe]) -> np.ndarray:
+    """Each probe's summed log-probability of its target tokens."""
+    pairs = [encode_probe(tokenizer, p.prompt, p.target) for p in probes]
+    return sequence_logprobs(model, [a for a, _ in pairs], [b for _, b in pairs]).numpy()
+
+
+@torch.no_grad()
+def greedy_continuation(model: torch.nn.Module, prompts: Sequence[Sequence[int]], n_tokens: int) -> list[list[int]]:
+    """The argmax continuation of `n_tokens` tokens for each prompt (prompts of equal length batch together)."""
+    model.eval()
+    device = _model_device(model)
+    out: list[list[int]] = [[] for _ in prompts]
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    for rows in by_len.values():
+        idx = torch.tensor([list(prompts[i]) for i in rows], device=device)
+        for _ in range(n_tokens):
+            nxt = model(idx, mask="causal")[:, -1].argmax(-1, keepdim=True)
+            idx = torch.cat([idx, nxt], 1)
+        for r, i in enumerate(rows):
+            out[i] = idx[r, -n_tokens:].tolist()
+    return out
+
+
+def name_ranking(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], answers: Sequence[str],
+                 candidates: Sequence[str]) -> dict[str, np.ndarray]:
+    """For each prompt: the answer's rank among all candidate names (1 = best), and greedy exact match."""
+    index = {c: i for i, c in enumerate(candidates)}
+    missing = [a for a in answers if a not in index]
+    if missing:
+        raise ValueError(f"answers: expected every answer among the candidates, missing {missing[:3]}")
+    prompt_ids = [[tokenizer.eos_id] + tokenizer.encode(p) for p in prompts]
+    cand_ids = [tokenizer.encode(c) for c in candidates]
+    lengths = {len(c) for c in cand_ids}
+    pairs = [(p, c) for p in prompt_ids for c in cand_ids]
+    scores = sequence_logprobs(model, [p for p, _ in pairs], [c for _, c in pairs], batch_size=2048)
+    scores = scores.view(len(prompts), len(candidates)).numpy()
+    answer_scores = scores[np.arange(len(prompts)), [index[a] for a in answers]]
+    ranks = 1 + (scores > answer_scores[:, None]).sum(1)
+    greedy = greedy_continuation(model, prompt_ids, max(lengths))
+    exact = np.array([g[:len(cand_ids[index[a]])] == cand_ids[index[a]] for g, a in zip(greedy, answers)])
+    return {"rank": ranks, "exact": exact, "top1": ranks == 1}
+
+
+# --- the reversal curse -------------------------------------------------------------------------
+
+FORWARD_RELATION = "is the parent of"
+REVERSE_RELATION = "is the child of"
+
+
+def _tokens(chunks: Sequence[Sequence[str]]) -> list[str]:
+    return [w for c in chunks for w in c]
+
+
+def reverse_tokens(chunks, rng) -> list[str]:
+    """Token-level reversal: every word in reverse order, names included (their two words swap)."""
+    return _tokens(chunks)[::-1]
+
+
+def reverse_chunks(chunks, rng) -> list[str]:
+    """Chunk-level reversal: the semantic units (names, the relation phrase) in reverse order, each kept intact."""
+    return _tokens(chunks[::-1])
+
+
+def permute_chunks(chunks, rng) -> list[str]:
+    """A random non-identity order of the semantic units, each kept intact."""
+    orders = [o for o in itertools.permutations(range(len(chunks))) if list(o) != sorted(o)]
+    order = orders[int(rng.integers(len(orders)))]
+    return _tokens([chunks[i] for i in order])
+
+
+# variant -> the transform of a sentence's chunks (None: the sentence as written, every time)
+REVERSAL_VARIANTS: dict[str, Callable | None] = {
+    "plain": None,
+    "token_reversal": reverse_tokens,
+    "chunk_reversal": reverse_chunks,
+    "chunk_permutation": permute_chunks,
+}
+
+
+@dataclass
+class ReversalData:
+    """Parent/child pairs. `both` pairs are written in both directions; `forward_only` pairs only as
+    "A is the parent of B", and their reverse ("B is the child of A") is the test of the curse."""
+
+    pairs: list[tuple[str, str]]  # (parent, child)
+    n_both: int
+
+    @property
+    def both(self) -> list[tuple[str, str]]:
+        return self.pairs[:self.n_both]
+
+    @property
+    def forward_only(self) -> list[tuple[str, str]]:
+        return self.pairs[self.n_both:]
+
+    @property
+    def names(self) -> list[str]:
+        return [n for pair in self.pairs for n in pair]
+
+    def sentences(self) -> list[list[list[str]]]:
+        """Training sentences as chunks: [subject words], [relation words], [object words]."""
+        out = [[a.split(), FORWARD_RELATION.split(), b.split()] for a, b in self.pairs]
+        out += [[b.split(), REVERSE_RELATION.split(), a.split()] for a, b in self.both]
+        return out
+
+    def texts(self) -> list[str]:
+        return [" ".join(_tokens(s)) + " ." for s in self.sentences()]
+
+    def probes(self, pairs: Sequence[tuple[str, str]], direction: str) -> tuple[list[str], list[str]]:
+        """(prompts, answers): forward asks for the child, reverse for the parent."""
+        if direction == "forward":
+            return [f"{a} {FORWARD_RELATION}" for a, _ in pairs], [b for _, b in pairs]
+        return [f"{b} {REVERSE_RELATION}" for _, b in pairs], [a for a, _ in pairs]
+
+
+def make_reversal_data(n_pairs: int, n_both: int, seed: int = 0) -> ReversalData:
+    if not 0 <= n_both < n_pairs:
+        raise ValueError(f"n_both: expected 0 <= n_both < n_pairs={n_pairs}, got {n_both}")
+    rng = np.random.default_rng(seed)
+    names = two_word_names(2 * n_pairs, rng, pool=max(8, int(np.ceil(np.sqrt(2 * n_pairs))) + 4))
+    return ReversalData([(names[2 * i], names[2 * i + 1]) for i in range(n_pairs)], n_both)
+
+
+@dataclass
+class ReversalStream:
+    """Training rows of `<eos>`-separated sentences; each sentence is written as is or, with
+    probability `transform_prob`, through the variant's transform. Row `r` of micro-batch `index`
+    is a pure function of (seed, index, r)."""
+
+    data: ReversalData
+    tokenizer: Tokenizer
+    variant: str
+    seq_len: int
+    transform_prob: float = 0.5
+    _sentences: list = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if self.variant not in REVERSAL_VARIANTS:
+            raise ValueError(f"variant: expected one of {', '.join(REVERSAL_VARIANTS)}, got {self.variant!r}")
+        self._sentences = self.data.sentences()
+
+    def sentence_ids(self, i: int, rng: np.random.Generator) -> list[int]:
+        chunks = self._sentences[i]
+        transform = REVERSAL_VARIANTS[self.variant]
+        words = transform(chunks, rng) if transform and rng.random() < self.transform_prob else _tokens(chunks)
+        return self.tokenizer.encode(" ".join(words) + " .") + [self.tokenizer.eos_id]
+
+    def batch(self, index: int, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
+        rows = []
+        for r in range(batch_size):
+            rng = np.random.default_rng([seed, index, r])
+            ids = [self.tokenizer.eos_id]
+            while len(ids) < self.seq_len + 1:
+                ids += self.sentence_ids(int(rng.integers(len(self._sentences))), rng)
+            rows.append(ids[:self.seq_len + 1])
+        return {"tokens": torch.tensor(rows)}
+
+
+# --- the reversal experiment ------------------------------------------------------------------------
+
+@dataclass
+class ReversalConfig(ModelConfig, TrainConfig):
+    n_pairs: int = knob(120, "parent/child pairs (every person belongs to exactly one)", min=2)
+    n_both: int = knob(40, "pairs also written in the reverse wording, to teach it; the rest are the test", min=0)
+    variants: list[str] = knob(list(REVERSAL_VARIANTS), "training-text variants, one run each: " + ", ".join(REVERSAL_VARIANTS))
+    transform_prob: float = knob(0.5, "probability that a training sentence is written through the variant's transform",
+                                 min=0.0, max=1.0)
+
+    presets: ClassVar[dict] = {
+        "smoke": dict(n_pairs=12, n_both=4, steps=30, n_layer=2, n_head=2, d_model=32, seq_len=32, max_seq_len=32,
+                      batch_size=16, warmup_steps=5, log_every=10, checkpoint_every=10, num_threads=1),
+        "cpu": dict(n_pairs=120, n_both=40, steps=1500, n_layer=4, n_head=4, d_model=128, seq_len=32, max_seq_len=32,
+                    batch_size=32, learning_rate=2e-3, warmup_steps=100, weight_decay=0.1, log_every=50,
+                    checkpoint_every=250,
+                    num_threads=1),  # a model this small runs fastest on one thread, above all on a busy machine
+        "gpu": dict(n_pairs=1000, n_both=300, steps=6000, n_layer=8, n_head=8, d_model=512, seq_len=64, max_seq_len=64,
+                    batch_size=128, learning_rate=6e-4, warmup_steps=300, log_every=50, checkpoint_every=1000),
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        unknown = [v for v in self.variants if v not in REVERSAL_VARIANTS]
+        if unknown or not self.variants:
+            raise ConfigError(f"parameter 'variants': expected a non-empty list from {', '.join(REVERSAL_VARIANTS)}, "
+                              f"got {self.variants}")
+        if self.n_both >= self.n_pairs:
+            raise ConfigError(f"parameter 'n_both': expected fewer than n_pairs={self.n_pairs}, got {self.n_both}")
+
+
+def reversal_tokenizer(data: ReversalData) -> Tokenizer:
+    """Word tokens for every name word and relation word, in either direction."""
+    return word_tokenizer(data.texts() + [f"{b} {REVERSE_RELATION} {a} ." for a, b in data.pairs])
+
+
+def train_reversal_variant(cfg: ReversalConfig, data: ReversalData, tokenizer: Tokenizer, variant: str, run=None,
+                           progress: bool = True):
+    """A fresh model trained on `variant`'s text; returns (model, TrainResult)."""
+    from lablib.models import Transformer
+    from lablib.objectives import CausalLM
+    from lablib.train import train
+
+    torch.manual_seed(cfg.seed)
+    model = Transformer(dataclasses.replace(cfg.project(ModelConfig), vocab_size=tokenizer.vocab_size,
+                                            max_seq_len=max(cfg.max_seq_len, cfg.seq_len)))
+    if run is not None:
+        tokenizer.save(run.path / "tokenizer.json")
+    stream = ReversalStream(data, tokenizer, variant, cfg.seq_len, cfg.transform_prob)
+    result = train(model, CausalLM(), stream, cfg.project(TrainConfig), run, progress=progress)
+    return model, result
+
+
+def reversal_accuracy(model, tokenizer: Tokenizer, data: ReversalData) -> dict[str, float]:
+    """Forward and reverse exact match, top-1 and mean rank among all names, on the forward-only
+    (test) pairs and on the pairs seen both ways; with chance levels."""
+    out: dict[str, float] = {}
+    groups = {"test": data.forward_only, "both": data.both}
+    for group, pairs in groups.items():
+        if not pairs:
+            continue
+        for direction in ("forward", "reverse"):
+            prompts, answers = data.probes(pairs, direction)
+            scores = name_ranking(model, tokenizer, prompts, answers, data.names)
+            out[f"{direction}_exact_{group}"] = float(scores["exact"].mean())
+            out[f"{direction}_top1_{group}"] = float(scores["top1"].mean())
+            out[f"{direction}_mean_rank_{group}"] = float(scores["rank"].mean())
+    n = len(data.names)
+    out["chance_top1"], out["chance_mean_rank"] = 1.0 / n, (n + 1) / 2
+    return out

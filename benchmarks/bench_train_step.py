@@ -22,6 +22,7 @@ above what stays allocated between steps.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -65,9 +66,12 @@ class Bench:
     policy: object
 
 
-def build(model_name: str, size: str, mode: str, batch: int, seq: int, seed: int = 0) -> Bench:
-    """A ready-to-call training step of `model_name` ('lab' or 'gpt2') at `size` under `mode`."""
-    cfg = TrainConfig(device=MODES[mode]["device"], dtype=MODES[mode]["dtype"], compile=MODES[mode]["compile"])
+def build(model_name: str, size: str, mode: str, batch: int, seq: int, seed: int = 0, **policy_knobs) -> Bench:
+    """A ready-to-call training step of `model_name` ('lab' or 'gpt2') at `size` under `mode`.
+
+    policy_knobs: TrainConfig hardware fields (fused_adamw, dtype, ...) overriding the mode's.
+    """
+    cfg = TrainConfig(**{**MODES[mode], **policy_knobs})
     policy = resolve_hardware(cfg)
     if policy.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -110,8 +114,8 @@ def rss_kib(field: str) -> int:
 
 def probe_cpu_memory(model_name: str, size: str, batch: int, seq: int, steps: int = 2) -> float:
     """MB: peak RSS while building and training `model_name` for `steps` eager CPU steps, above the RSS before."""
-    import transformers  # noqa: F401  (imported before measuring: its import is not the model's memory)
-
+    build(model_name, "1M", "cpu-eager", 1, 8).step()  # lazy imports and one-off caches are not the model's memory
+    gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the current RSS
     before = rss_kib("VmRSS")
     bench = build(model_name, size, "cpu-eager", batch, seq)
@@ -195,6 +199,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per model (alternating)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's, one per core); 1 is steadier on a busy shared machine")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--name", default="train_step", help="results/<name>.json and the README section")
     args = parser.parse_args()
@@ -203,6 +209,8 @@ def main() -> None:
     unknown = [m for m in modes if m not in MODES] + [s for s in args.sizes.split(",") if s not in SIZES]
     if unknown:
         parser.error(f"unknown size or mode {unknown}; sizes: {', '.join(SIZES)}; modes: {', '.join(MODES)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     info = machine()
     rows = []
     for size in args.sizes.split(","):
@@ -215,7 +223,7 @@ def main() -> None:
     path = write_results(args.name, {"machine": info, "args": vars(args), "rows": rows})
     columns = list(dict.fromkeys(c for r in table_rows(rows) for c in r))
     table = markdown_table(table_rows(rows), columns)
-    update_readme(args.name, f"{table}\n\n{stamp(info)} Batch {args.batch} x seq {args.seq}, "
+    update_readme(args.name, f"{table}\n\n{stamp(info)} {torch.get_num_threads()} torch thread(s), batch {args.batch} x seq {args.seq}, "
                              f"median of {args.repeats} alternating steps; raw numbers: `{path.relative_to(path.parents[1])}`.")
     print(table)
 

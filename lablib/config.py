@@ -125,6 +125,8 @@ def parse_for_field(tp: Any, text: str) -> Any:
                if typing.get_origin(arg) is Literal for a in typing.get_args(arg)]
     if text in choices:
         return text
+    if len(text) >= 2 and text[0] == text[-1] == '"':  # a JSON string: quoted on purpose
+        return json.loads(text)
     if tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)):
         parsed = parse_cli_value(text)
         return parsed if parsed is None else text
@@ -158,16 +160,17 @@ class Config:
             raise ConfigError(f"unknown parameter {name!r}{hint}")
         f = fields[name]
         tp = typing.get_type_hints(cls)[name]
+        given = value
         ok, value = _matches(tp, value)
         if not ok:
-            raise ConfigError(f"parameter {name!r}: expected {_describe(tp)}, got {value!r}")
+            raise ConfigError(f"parameter {name!r}: expected {_describe(tp)}, got {given!r}")
         lo, hi = f.metadata.get("min"), f.metadata.get("max")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if lo is not None and (value < lo or (f.metadata.get("min_exclusive") and value == lo)):
                 op = ">" if f.metadata.get("min_exclusive") else ">="
-                raise ConfigError(f"parameter {name!r}: expected a value {op} {lo}, got {value!r}")
+                raise ConfigError(f"parameter {name!r}: expected a value {op} {lo}, got {given!r}")
             if hi is not None and value > hi:
-                raise ConfigError(f"parameter {name!r}: expected a value <= {hi}, got {value!r}")
+                raise ConfigError(f"parameter {name!r}: expected a value <= {hi}, got {given!r}")
         return value
 
     @classmethod

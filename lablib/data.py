@@ -17,6 +17,7 @@ Notable here:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import sys
 import sysconfig
@@ -37,36 +38,52 @@ def cache_dir() -> Path:
 
 # --- corpora -------------------------------------------------------------------------
 
-def stdlib_documents(max_chars: int | None = None) -> Iterator[dict[str, str]]:
-    """The standard library's .py files (sorted, tests included) and the pydoc topic texts.
+STDLIB_CORPUS_VERSION = 2  # bump when the document order or content below changes (invalidates caches)
 
+
+def _stable_order(name: str) -> str:
+    return hashlib.sha1(name.encode()).hexdigest()
+
+
+def stdlib_documents(max_chars: int | None = None) -> Iterator[dict[str, str]]:
+    """The standard library's .py files (tests included) and the pydoc topic texts.
+
+    Both lists are put in a fixed pseudo-random order (by a hash of the name) and
+    interleaved, so any prefix (max_chars) is a fair sample of code and prose.
     Yields {"source": name, "text": text} until max_chars characters were yielded.
     """
     from pydoc_data.topics import topics
 
-    total = 0
-    for name in sorted(topics):
-        yield {"source": f"pydoc_data/{name}", "text": topics[name]}
-        total += len(topics[name])
-        if max_chars is not None and total >= max_chars:
-            return
     root = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(root.rglob("*.py")):
-        if "site-packages" in path.parts:
-            continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        if not text.strip():
-            continue
-        yield {"source": str(path.relative_to(root)), "text": text}
-        total += len(text)
-        if max_chars is not None and total >= max_chars:
-            return
+    files = sorted((p for p in root.rglob("*.py") if "site-packages" not in p.parts),
+                   key=lambda p: _stable_order(str(p.relative_to(root))))
+    topic_names = sorted(topics, key=_stable_order)
+
+    def source_docs():
+        for path in files:
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+            if text.strip():
+                yield {"source": str(path.relative_to(root)), "text": text}
+
+    def topic_docs():
+        for name in topic_names:
+            yield {"source": f"pydoc_data/{name}", "text": topics[name]}
+
+    total = 0
+    for pair in itertools.zip_longest(source_docs(), topic_docs()):
+        for doc in pair:
+            if doc is None:
+                continue
+            yield doc
+            total += len(doc["text"])
+            if max_chars is not None and total >= max_chars:
+                return
 
 
-def _stdlib_generator(max_chars, python_version):  # the version is part of datasets' fingerprint
+def _stdlib_generator(max_chars, python_version, corpus_version):  # both versions are part of the fingerprint
     yield from stdlib_documents(max_chars)
 
 
@@ -77,7 +94,8 @@ def load_corpus(corpus: str = "stdlib", max_chars: int | None = None, cache: Pat
     cache = str(cache or cache_dir() / "datasets")
     if corpus == "stdlib":
         ds = datasets.Dataset.from_generator(
-            _stdlib_generator, gen_kwargs={"max_chars": max_chars, "python_version": sys.version},
+            _stdlib_generator, gen_kwargs={"max_chars": max_chars, "python_version": sys.version,
+                        "corpus_version": STDLIB_CORPUS_VERSION},
             cache_dir=cache)
     elif corpus.startswith("hf:"):
         name, _, config = corpus[3:].partition(":")

@@ -3,14 +3,17 @@
 Notable here:
 - `function_pairs(documents)`: (docstring summary, function source without its
   docstring, stdlib package) for every documented function, found with `ast`.
-- Held out by construction: `heldout_split` repeats the document split of
-  `lablib.data.prepare_lm_data` (same corpus, size, fraction and split seed), so the
-  evaluation pairs come only from documents the model never trains on; the
-  contrastive objective's training pairs come only from the training documents.
+- Held out by construction: a seeded draw by file name picks `eval_fraction` of all
+  stdlib .py files for evaluation (`evaluation_documents`), and the pretraining
+  corpus is the configured corpus without them (`pretraining_documents`, then
+  `lablib.data`'s split, tokenizer and packing), so no scored function is trained
+  on; the contrastive objective's pairs come only from the training documents.
 - Frozen-embedding evaluations: text->code retrieval (MRR, recall@k; mean-pooled,
   centred, cosine) and a scikit-learn logistic-regression probe predicting a
   function's stdlib package, repeated over probe seeds (its spread is the probe's
-  stability). `heldout_next_token_loss` for models that predict the next token.
+  stability). Two poolings: 'first_last' (input and top layer; the headline) and
+  'top' (top layer only; reported with a `_top` suffix). `heldout_next_token_loss`
+  for models that predict the next token.
 - `ObjectivesRunConfig` and `run_objective(cfg, run)`: one (architecture, objective,
   seed) run at a fixed budget of training tokens; training FLOPs are counted by
   torch's `FlopCounterMode` on real micro-batches (SDPA's CPU kernel included), and
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import hashlib
 import math
 import textwrap
 import time
@@ -31,8 +35,9 @@ from typing import Any, ClassVar, Iterable, Literal
 import numpy as np
 import torch
 
-from lablib.config import ConfigError, DataConfig, ModelConfig, TrainConfig, knob
-from lablib.data import Tokenizer, load_corpus, prepare_lm_data, split_documents
+from lablib.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, knob
+from lablib.data import (LMData, TokenBlocks, Tokenizer, load_corpus, pack, split_documents, tokenize_corpus,
+                         train_tokenizer)
 from lablib.models import (EncoderDecoder, EncoderDecoderConfig, FutureTokenConfig, FutureTokenTransformer,
                            MultiTokenConfig, MultiTokenTransformer, Transformer)
 from lablib.objectives import (Mixture, ObjectiveBatches, ObjectiveConfig, Schedule, build_objective,
@@ -87,9 +92,33 @@ def function_pairs(documents: Iterable[dict[str, str]], min_doc_chars: int = 20)
     return out
 
 
-def heldout_split(corpus: str, max_chars: int | None, val_fraction: float, seed: int):
-    """(train documents, held-out documents): exactly the split `prepare_lm_data` makes with these arguments."""
-    return split_documents(load_corpus(corpus, max_chars), val_fraction, seed)
+def is_evaluation_document(source: str, eval_fraction: float, seed: int) -> bool:
+    """A seeded draw by file name (stable across machines): is this stdlib .py file held out for evaluation?"""
+    draw = int(hashlib.sha256(f"{seed}:{source}".encode()).hexdigest()[:12], 16) / 16 ** 12
+    return source.endswith(".py") and draw < eval_fraction
+
+
+def evaluation_documents(eval_fraction: float, seed: int):
+    """The held-out stdlib files (drawn from the whole standard library, whatever prefix pretrains)."""
+    ds = load_corpus("stdlib")
+    return ds.select([i for i, src in enumerate(ds["source"]) if is_evaluation_document(src, eval_fraction, seed)])
+
+
+def pretraining_documents(corpus: str, max_chars: int | None, eval_fraction: float, seed: int):
+    """The corpus without the evaluation files: nothing the downstream tasks score is ever trained on."""
+    ds = load_corpus(corpus, max_chars)
+    return ds.select([i for i, src in enumerate(ds["source"]) if not is_evaluation_document(src, eval_fraction, seed)])
+
+
+def prepare_pretraining_data(cfg: "ObjectivesRunConfig", tokenizer: str | Tokenizer):
+    """(LMData, training documents): `lablib.data.prepare_lm_data`'s pipeline over `pretraining_documents`."""
+    docs = pretraining_documents(cfg.corpus, cfg.corpus_max_chars, cfg.eval_fraction, cfg.split_seed)
+    train_docs, val_docs = split_documents(docs, cfg.val_fraction, cfg.split_seed)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else train_tokenizer(
+        tokenizer, (t for t in train_docs["text"]), cfg.bpe_vocab_size)
+    train_blocks = TokenBlocks(pack(tokenize_corpus(train_docs, tok), cfg.seq_len + 1))
+    val_blocks = TokenBlocks(pack(tokenize_corpus(val_docs, tok), cfg.seq_len + 1))
+    return LMData(tok, train_blocks, val_blocks, (len(train_docs), len(val_docs))), train_docs
 
 
 def encode_texts(tokenizer: Tokenizer, texts: list[str], max_tokens: int) -> torch.Tensor:
@@ -102,15 +131,21 @@ def encode_texts(tokenizer: Tokenizer, texts: list[str], max_tokens: int) -> tor
 # --- frozen-embedding evaluations -------------------------------------------------------------
 
 @torch.no_grad()
-def embed(model, ids: torch.Tensor, pad_id: int, mask: str, batch_size: int = 64) -> np.ndarray:
-    """Mean-pooled top-layer embeddings (N, d_model) of padded ids, in eval mode."""
+def embed(model, ids: torch.Tensor, pad_id: int, mask: str, pooling: str = "first_last",
+          batch_size: int = 64) -> np.ndarray:
+    """Mean-pooled embeddings of padded ids, in eval mode: pooling 'top' (top layer, (N, d_model))
+    or 'first_last' (input and top layer, each unit-normalised, (N, 2*d_model))."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = [pooled_embeddings(model, ids[i:i + batch_size].to(device), pad_id, mask).float().cpu()
+    out = [pooled_embeddings(model, ids[i:i + batch_size].to(device), pad_id, mask,
+                             with_input_layer=POOLINGS[pooling]).float().cpu()
            for i in range(0, len(ids), batch_size)]
     model.train(was_training)
     return torch.cat(out).numpy()
+
+
+POOLINGS = {"top": False, "first_last": True}  # pooling name -> whether the input layer is pooled too
 
 
 def _centred_unit(x: np.ndarray) -> np.ndarray:
@@ -238,8 +273,9 @@ class ObjectivesRunConfig(ModelConfig, TrainConfig, DataConfig, ObjectiveConfig)
         "decoder", "decoder-only (mask per objective) or T5-shaped encoder-decoder (n_layer encoder blocks)")
     decoder_layers: int | None = knob(None, "encdec: decoder blocks; None: n_layer (FLOP-matched, as Wang et al.)",
                                       min=1)
-    split_seed: int = knob(0, "seed of the document split (fixed across seeds so every run is evaluated alike)",
-                           min=0)
+    split_seed: int = knob(0, "seed of the evaluation-file draw and the document split (fixed across seeds)", min=0)
+    eval_fraction: float = knob(0.1, "fraction of all stdlib .py files held out for the downstream evaluation",
+                                min=0.0, max=0.5, min_exclusive=True)
     eval_pairs: int = knob(300, "docstring->function pairs in the retrieval pool", min=2)
     eval_doc_tokens: int = knob(48, "tokens kept of each docstring query", min=1)
     eval_code_tokens: int = knob(128, "tokens kept of each function", min=1)
@@ -339,12 +375,17 @@ def make_eval_set(cfg: ObjectivesRunConfig, pairs: list[FunctionPair], tokenizer
 
 
 def evaluate_downstream(model, ev: EvalSet, mask: str, next_token: bool, probe_seeds: int) -> dict[str, Any]:
-    """Retrieval, probe and (where defined) held-out next-token loss of a frozen model."""
-    retrieval = retrieval_scores(embed(model, ev.doc_ids, ev.pad_id, mask), embed(model, ev.code_ids, ev.pad_id, mask))
-    probe = probe_scores(embed(model, ev.probe_ids, ev.pad_id, mask), ev.probe_labels, probe_seeds)
-    out = {f"retrieval_{k}": v for k, v in retrieval.items()}
-    out.update({"probe_accuracy": probe["accuracy"], "probe_accuracy_std": probe["accuracy_std"],
-                "probe_majority": probe["majority"]})
+    """Retrieval and probe of a frozen model under each pooling (headline: first_last; '_top'
+    suffix: top layer only), and held-out next-token loss where defined."""
+    out: dict[str, Any] = {}
+    for pooling in POOLINGS:
+        suffix = "" if pooling == "first_last" else f"_{pooling}"
+        docs, code, probe_code = (embed(model, ids, ev.pad_id, mask, pooling)
+                                  for ids in (ev.doc_ids, ev.code_ids, ev.probe_ids))
+        out.update({f"retrieval_{k}{suffix}": v for k, v in retrieval_scores(docs, code).items()})
+        probe = probe_scores(probe_code, ev.probe_labels, probe_seeds)
+        out.update({f"probe_accuracy{suffix}": probe["accuracy"], f"probe_accuracy_std{suffix}": probe["accuracy_std"]})
+        out["probe_majority"] = probe["majority"]
     out["heldout_loss"] = heldout_next_token_loss(model, ev.lm_batches) if next_token else None
     return out
 
@@ -353,12 +394,11 @@ def run_objective(cfg: ObjectivesRunConfig, run, *, progress: bool = True) -> di
     """Train one (architecture, objective, seed) at the config's token budget and evaluate it
     before and after; returns the results (also written to the run's results.json)."""
     saved = run.tokenizer() if run is not None else None
-    data = prepare_lm_data(cfg.corpus, saved or cfg.tokenizer, cfg.seq_len, bpe_vocab_size=cfg.bpe_vocab_size,
-                           max_chars=cfg.corpus_max_chars, val_fraction=cfg.val_fraction, seed=cfg.split_seed)
+    data, train_docs = prepare_pretraining_data(cfg, saved or cfg.tokenizer)
     tok = data.tokenizer
     if run is not None and saved is None:
         tok.save(run.path / "tokenizer.json")
-    train_docs, heldout_docs = heldout_split(cfg.corpus, cfg.corpus_max_chars, cfg.val_fraction, cfg.split_seed)
+    heldout_docs = evaluation_documents(cfg.eval_fraction, cfg.split_seed)
     eval_pairs = function_pairs(heldout_docs)
     ev = make_eval_set(cfg, eval_pairs, tok, data.val.eval_batches(cfg.eval_batches, cfg.batch_size))
 
@@ -398,6 +438,8 @@ def run_objective(cfg: ObjectivesRunConfig, run, *, progress: bool = True) -> di
         **final, **{f"init_{k}": v for k, v in init.items()},
         "retrieval_mrr_margin": final["retrieval_mrr"] - init["retrieval_mrr"],
         "probe_accuracy_margin": final["probe_accuracy"] - init["probe_accuracy"],
+        "retrieval_mrr_margin_top": final["retrieval_mrr_top"] - init["retrieval_mrr_top"],
+        "probe_accuracy_margin_top": final["probe_accuracy_top"] - init["probe_accuracy_top"],
         "hardware": policy_record(policy)["device"],
     }
     if run is not None:
@@ -407,3 +449,44 @@ def run_objective(cfg: ObjectivesRunConfig, run, *, progress: bool = True) -> di
 
 def hardware_record(cfg: ObjectivesRunConfig) -> dict:
     return policy_record(resolve_hardware(cfg.project(TrainConfig)))
+
+
+DECODER_OBJECTIVES = ("clm", "prefix_lm", "mlm", "span_corruption", "multi_token", "future_token", "gpt_bert",
+                      "contrastive", "mixture", "biphasic")
+
+
+@dataclass
+class ObjectivesSweepConfig(Config):
+    """The driver notebook 02_objectives: which (architecture, objective, seed) runs to sweep, and
+    the multi-token induction check."""
+
+    decoder_objectives: list[str] = knob(list(DECODER_OBJECTIVES), "objectives trained on the decoder-only model")
+    encdec_objectives: list[str] = knob(["span_corruption", "prefix_lm", "mixture"],
+                                        "objectives trained on the encoder-decoder")
+    seeds: list[int] = knob([0, 1], "seeds of every (architecture, objective)")
+    jobs: int = knob(2, "runs in parallel (threads are split between them)", min=1)
+    induction_n_future: list[int] = knob([1, 2, 4], "induction check: tokens predicted per position (1 = next-token)")
+    induction_seeds: list[int] = knob([0, 1], "induction check: seeds per n_future")
+    induction_steps: int = knob(400, "induction check: training steps per model", min=1)
+    induction_vocab: int = knob(32, "induction check: vocabulary of the random strings", min=3)
+    induction_half_len: int = knob(24, "induction check: length of the string that is repeated", min=2)
+
+    presets: ClassVar[dict] = {
+        "smoke": dict(decoder_objectives=["clm"], encdec_objectives=["span_corruption"], seeds=[0], jobs=2,
+                      induction_n_future=[1, 2], induction_seeds=[0], induction_steps=10),
+        "cpu": dict(),
+        "gpu": dict(seeds=[0, 1, 2], jobs=1, induction_seeds=[0, 1, 2], induction_steps=1000),
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        for name, allowed in (("decoder_objectives", DECODER_OBJECTIVES),
+                              ("encdec_objectives", ENCODER_DECODER_OBJECTIVES + ("mixture",))):
+            bad = [o for o in getattr(self, name) if o not in allowed]
+            if bad:
+                raise ConfigError(f"parameter {name!r}: expected names among {', '.join(allowed)}, got {bad}")
+        if not self.seeds:
+            raise ConfigError("parameter 'seeds': expected at least one seed, got []")
+        bad_n = [n for n in self.induction_n_future if n < 1]
+        if bad_n:
+            raise ConfigError(f"parameter 'induction_n_future': expected integers >= 1, got {bad_n}")

@@ -12,6 +12,10 @@ Notable here:
 - `from_gpt2(hf_model)` / `to_gpt2(model)` convert in memory; `load_gpt2(folder)`
   reads a GPT-2-family checkpoint folder already on disk (`save_pretrained`
   output: config.json + weights) and never downloads anything.
+  `load_gpt2_tokenizer(folder)` reads its tokenizer (tokenizer.json, or GPT-2's
+  vocab.json + merges.txt) with the `tokenizers` library, exposing what the
+  lab's analyses use (`encode`, `decode`, `token_strings`, `eos_id`), so
+  `lablib.analysis.analyze_prompt(model, tokenizer, text)` works on GPT-2.
 - GPT-2 variants the lab's model cannot express exactly (cross-attention,
   attention scaled by 1/layer, unscaled attention, an unknown activation) are
   refused with a one-line error instead of converted approximately.
@@ -161,3 +165,45 @@ def load_gpt2(folder: str | Path) -> Transformer:
                                 "(the output of save_pretrained); nothing is downloaded")
     hf_model = GPT2LMHeadModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
     return from_gpt2(hf_model)
+
+
+class GPT2Tokenizer:
+    """A GPT-2 checkpoint's byte-level BPE with the interface `lablib.analysis` reads.
+
+    Unlike `lablib.data.Tokenizer` it has no <pad>/<unk>/<mask> tokens (GPT-2 never had
+    them); `eos_id` is GPT-2's <|endoftext|>.
+    """
+
+    def __init__(self, backend, eos_token: str = "<|endoftext|>"):
+        self.backend = backend
+        self.eos_id = backend.token_to_id(eos_token)
+        if self.eos_id is None:
+            raise ValueError(f"GPT-2 tokenizer: expected the end-of-text token {eos_token!r} in its vocabulary")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text).ids
+
+    def decode(self, ids) -> str:
+        return self.backend.decode(list(ids))
+
+    def token_strings(self, ids) -> list[str]:
+        return [self.backend.decode([i], skip_special_tokens=False) for i in ids]
+
+
+def load_gpt2_tokenizer(folder: str | Path) -> GPT2Tokenizer:
+    """The tokenizer saved beside a GPT-2 checkpoint: tokenizer.json, else vocab.json + merges.txt."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    path = Path(folder).expanduser()
+    if (path / "tokenizer.json").is_file():
+        return GPT2Tokenizer(Tokenizer.from_file(str(path / "tokenizer.json")))
+    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        backend = Tokenizer(models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt")))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        return GPT2Tokenizer(backend)
+    raise FileNotFoundError(f"GPT-2 tokenizer in {str(folder)!r}: expected tokenizer.json, or vocab.json and merges.txt")

@@ -363,24 +363,35 @@ class GPTBERT:
         return sum(parts), metrics
 
 
-def pooled_embeddings(model, ids: torch.Tensor, pad_id: int, mask: str = "bidirectional") -> torch.Tensor:
+def pooled_embeddings(model, ids: torch.Tensor, pad_id: int, mask: str = "bidirectional",
+                      with_input_layer: bool = False) -> torch.Tensor:
     """Mean over real (non-pad) tokens of the final-normed top layer: (B, d_model).
 
     Encoder-decoders use the encoder's output; decoder-only models read the text with
     `mask` ('causal' or 'bidirectional'; pads are never attended to).
+    with_input_layer: also pool the input embeddings (token + position) and return
+    [unit(input mean), unit(top mean)] (B, 2*d_model): "first-last" pooling, which keeps
+    the lexical signal that a top layer trained for prediction may drop.
     """
+    from lablib.models import padding_mask
+
     net = unwrap(model)
     valid = ids != pad_id
+    reader = net.encoder if is_encoder_decoder(net) else net
     if is_encoder_decoder(net):
         h = net.encode(ids, valid)
     elif mask == "causal":  # pads sit at the end, so a causal read never sees them
         h = net.ln_final(net.trunk(ids, mask="causal"))
     else:
-        from lablib.models import padding_mask
-
         h = net.ln_final(net.trunk(ids, mask="custom", attn_mask=padding_mask(valid)))
     weights = valid.to(h.dtype)[..., None]
-    return (h * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+    def mean(states):
+        return (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+    if not with_input_layer:
+        return mean(h)
+    return torch.cat([F.normalize(mean(reader.embed_tokens(ids)), dim=-1), F.normalize(mean(h), dim=-1)], dim=-1)
 
 
 def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -46,6 +46,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from lablib.config import ConfigError, ModelConfig, TrainConfig, knob
 from lablib.models import Transformer
 from lablib.tasks.scm_prior import FEATURE_CLIP, TabularPrior
+from lablib.train import TrainResult, policy_record, resolve_hardware, train
 
 
 @dataclass
@@ -131,9 +132,9 @@ class InContextClassification:
 
 # --- the scikit-learn classifier ---------------------------------------------------------
 
-SCALERS = {
-    "standard": lambda: StandardScaler(),
-    "power": lambda: PowerTransformer(method="yeo-johnson", standardize=True),
+SCALERS = {  # a transform applied before standardising (None: standardise only)
+    "standard": lambda: None,
+    "power": lambda: PowerTransformer(method="yeo-johnson", standardize=False),
 }
 
 
@@ -194,7 +195,10 @@ class InContextClassifier(ClassifierMixin, BaseEstimator):
         max_features, max_classes = self.model_.cfg.max_features, self.model_.cfg.max_classes
         if len(self.classes_) > max_classes:
             raise ValueError(f"y has {len(self.classes_)} classes; this model tells apart at most {max_classes}")
-        self.scaler_ = SCALERS[self.scaling]().fit(X)
+        self.transform_ = SCALERS[self.scaling]()
+        if self.transform_ is not None:
+            self.transform_.fit(X)
+        self.scaler_ = StandardScaler().fit(self._transform(X))
         self.context_x_ = self._scale(X)
         self.context_y_ = y_encoded
         rng = np.random.default_rng(self.random_state)
@@ -204,10 +208,17 @@ class InContextClassifier(ClassifierMixin, BaseEstimator):
         self.class_maps_ = np.stack([rng.permutation(k) for _ in range(self.n_ensemble)])  # member's id of class c
         return self
 
-    def _scale(self, X: np.ndarray) -> np.ndarray:
+    def _transform(self, X: np.ndarray) -> np.ndarray:
+        """The power transform, kept finite: a lambda fitted on a few rows can overflow on new ones."""
+        if self.transform_ is None:
+            return X
         with np.errstate(all="ignore"):
-            out = self.scaler_.transform(X)
-        return np.clip(np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0), -FEATURE_CLIP, FEATURE_CLIP)
+            out = self.transform_.transform(X)
+        return np.nan_to_num(out, nan=0.0, posinf=1e6, neginf=-1e6)
+
+    def _scale(self, X: np.ndarray) -> np.ndarray:
+        """Standardised with the context's statistics and clipped like the prior's features."""
+        return np.clip(self.scaler_.transform(self._transform(X)), -FEATURE_CLIP, FEATURE_CLIP)
 
     @torch.no_grad()
     def predict_proba(self, X) -> np.ndarray:
@@ -228,7 +239,8 @@ class InContextClassifier(ClassifierMixin, BaseEstimator):
         return np.mean(members, axis=0)
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        proba = self.predict_proba(X)
+        return self.classes_[np.argmax(proba, axis=1)]
 
 
 # --- the experiment's config -------------------------------------------------------------
@@ -289,6 +301,44 @@ class TabularICLConfig(TabularPFNConfig, TrainConfig):
 def build_pfn(cfg: TabularICLConfig) -> TabularPFN:
     torch.manual_seed(cfg.seed)
     return TabularPFN(cfg.project(TabularPFNConfig))
+
+
+@dataclass
+class Pretrained:
+    kind: str
+    model: TabularPFN
+    result: TrainResult
+    folder: Path
+
+
+def pretrain_pfn(cfg: TabularICLConfig, folder: str | Path, kind: str, progress: bool = True) -> Pretrained:
+    """Train a PFN on prior `kind` into `folder` (a run folder; resumes from its newest checkpoint).
+
+    Held-out loss is measured on fixed prior batches drawn with another seed than training's.
+    """
+    from lablib.runs import Run
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    prior = cfg.prior_source(kind)
+    val = [prior.batch(i, cfg.batch_size, seed=cfg.seed + 1_000) for i in range(cfg.eval_batches)]
+    model = build_pfn(cfg)
+    result = train(model, InContextClassification(), prior, cfg.project(TrainConfig), Run(folder), val=val,
+                   progress=progress)
+    return Pretrained(kind, model.eval(), result, folder)
+
+
+def prior_throughput(prior: TabularPrior, batch_size: int, batches: int = 20, seed: int = 0) -> float:
+    """Prior tasks generated per second in this process (after one warm-up batch)."""
+    prior.batch(0, batch_size, seed)
+    start = time.perf_counter()
+    for i in range(1, batches + 1):
+        prior.batch(i, batch_size, seed)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def hardware_record(cfg: TabularICLConfig) -> dict:
+    return policy_record(resolve_hardware(cfg.project(TrainConfig)))
 
 
 # --- evaluation on scikit-learn's tables ------------------------------------------------------

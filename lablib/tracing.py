@@ -12,22 +12,28 @@ Notable here:
   attention and MLP states may be restored over a window of neighbouring layers.
 - `Trace` holds the clean, corrupted and restored probabilities of the answer;
   `recovery` is the fraction of the corruption's damage that restoring undoes.
-- `edit_layer` rewrites a fact by a few Adam steps on one block's MLP output matrix and
-  nothing else (Hase et al.'s constrained fine-tuning at one layer); `edit_scores` says
-  whether the new answer won, and whether other facts kept theirs.
+- Two single-layer edits, as in Hase et al.: `edit_layer`, a few Adam steps on one
+  block's MLP output matrix and nothing else (fine-tuning at one layer), and
+  `rank_one_edit`, ROME's rank-one update of that matrix (with an identity key
+  covariance). `edit_scores` says whether the new answer won, and whether other facts
+  kept theirs.
+- `ReversalTracingConfig` is notebook 06's config; `trace_pairs`, `edit_sweep` and
+  `trace_checkpoints` run the tracing and editing on the reversal experiment's facts.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lablib.tasks.facts import greedy_continuation
+from lablib.config import knob
+from lablib.data import Tokenizer
+from lablib.tasks.facts import FORWARD_RELATION, ReversalConfig, greedy_continuation, sequence_logprobs
 
 SITES = {
     "resid": "blocks.{layer}.hook_resid_post",
@@ -174,6 +180,38 @@ def edit_layer(model: torch.nn.Module, layer: int, prompt: Sequence[int], new_ta
     return edited
 
 
+def rank_one_edit(model: torch.nn.Module, layer: int, prompt: Sequence[int], subject_last: int,
+                  new_target: Sequence[int], steps: int = 10, lr: float = 1e-2) -> torch.nn.Module:
+    """A copy of `model` with ROME's rank-one update of block `layer`'s MLP output matrix, with an
+    identity key covariance: `steps` Adam steps find the change d of the MLP output at the last
+    subject token that makes `new_target` likely; then W <- W + d k^T / (k^T k), where k is the
+    MLP's hidden activation there, so the edited layer outputs exactly that change for this key."""
+    edited = copy.deepcopy(model)
+    edited.eval()
+    for p in edited.parameters():
+        p.requires_grad_(False)
+    device = next(edited.parameters()).device
+    _, cache = edited.run_with_cache(torch.tensor([list(prompt)], device=device),
+                                     names=[f"blocks.{layer}.mlp.hook_post"], mask="causal")
+    key = cache[f"blocks.{layer}.mlp.hook_post"][0, subject_last]
+    delta = torch.zeros(edited.embed.weight.shape[1], device=device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=lr * 10)  # a free vector moves in larger steps than a weight matrix
+
+    def add_delta(x, name):
+        x = x.clone()
+        x[:, subject_last] = x[:, subject_last] + delta
+        return x
+
+    for _ in range(steps):
+        opt.zero_grad()
+        with edited.hooks([(f"blocks.{layer}.hook_mlp_out", add_delta)]):
+            _target_nll(edited, prompt, new_target).backward()
+        opt.step()
+    with torch.no_grad():
+        edited.blocks[layer].mlp.c_proj.weight += torch.outer(delta, key) / key.dot(key)
+    return edited
+
+
 @torch.no_grad()
 def edit_scores(edited: torch.nn.Module, prompt: Sequence[int], new_target: Sequence[int],
                 others: Sequence[tuple[Sequence[int], Sequence[int]]]) -> dict[str, float]:
@@ -187,3 +225,102 @@ def edit_scores(edited: torch.nn.Module, prompt: Sequence[int], new_target: Sequ
         kept = [g[:len(a)] == list(a) for g, (_, a) in zip(continuations, others)]
     return {"success": float(success), "new_logprob": float(-_target_nll(edited, prompt, new_target)),
             "specificity": float(np.mean(kept))}
+
+
+# --- notebook 06: reversal, tracing and editing on the same fictional facts -------------------------
+
+@dataclass
+class ReversalTracingConfig(ReversalConfig):
+    trace_facts: int = knob(12, "forward facts (from the test pairs) that are traced and edited", min=1)
+    noise_scale: float = knob(3.0, "subject-embedding noise in units of the embeddings' std (ROME uses 3)", min=0.0)
+    trace_samples: int = knob(10, "noise samples averaged per trace", min=1)
+    trace_window: int = knob(1, "consecutive layers whose attention / MLP states are restored together", min=1)
+    edit_steps: int = knob(10, "Adam steps of a single-layer edit", min=1)
+    edit_lr: float = knob(1e-2, "learning rate of a single-layer edit", min=0.0, min_exclusive=True)
+
+    presets: ClassVar[dict] = {
+        "smoke": {**ReversalConfig.presets["smoke"], "trace_facts": 2, "trace_samples": 2, "edit_steps": 2,
+                  "variants": ["plain", "chunk_reversal"]},
+        "cpu": {**ReversalConfig.presets["cpu"]},
+        "gpu": {**ReversalConfig.presets["gpu"], "trace_facts": 50, "trace_window": 3},
+    }
+
+
+POSITION_LABELS = ["<eos>", "subject (first)", "subject (last)", *FORWARD_RELATION.split()]
+
+
+def forward_fact_prompt(tokenizer: Tokenizer, parent: str, child: str) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, subject positions, answer ids) of "<eos> parent is the parent of" -> child."""
+    subject_ids = tokenizer.encode(parent)
+    prompt = [tokenizer.eos_id] + subject_ids + tokenizer.encode(FORWARD_RELATION)
+    return prompt, subject_positions(prompt, subject_ids), tokenizer.encode(child)
+
+
+def trace_text(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, subject: str, answer: str,
+               noise_scale: float = 3.0, n_samples: int = 10, window: int = 1, seed: int = 0) -> Trace:
+    """Causal trace of the answer's first token after `<eos> prompt`, corrupting `subject`'s tokens."""
+    ids = [tokenizer.eos_id] + tokenizer.encode(prompt)
+    return trace_fact(model, ids, subject_positions(ids, tokenizer.encode(subject)), tokenizer.encode(answer)[0],
+                      embedding_noise_std(model, noise_scale), n_samples, window=window, seed=seed,
+                      token_strings=tokenizer.token_strings(ids))
+
+
+def trace_pairs(model: torch.nn.Module, tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]],
+                cfg: ReversalTracingConfig) -> list[Trace]:
+    """A causal trace of the child's first token for each (parent, child) pair."""
+    noise_std = embedding_noise_std(model, cfg.noise_scale)
+    traces = []
+    for parent, child in pairs:
+        prompt, subject, answer = forward_fact_prompt(tokenizer, parent, child)
+        traces.append(trace_fact(model, prompt, subject, answer[0], noise_std, cfg.trace_samples,
+                                 window=cfg.trace_window, seed=cfg.seed, token_strings=tokenizer.token_strings(prompt)))
+    return traces
+
+
+def mean_recovery(traces: Sequence[Trace], site: str) -> np.ndarray:
+    """The (layer, position) recovery averaged over traces (the prompts share one layout)."""
+    return np.mean([t.recovery(site) for t in traces], axis=0)
+
+
+def edit_sweep(model: torch.nn.Module, tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]],
+               cfg: ReversalTracingConfig, traces: Sequence[Trace]) -> list[dict]:
+    """Rewrite each pair's child to the next pair's child at each layer in turn; one row per
+    (fact, layer) with the edit's scores and the trace's MLP and residual recovery at the last
+    subject token of that layer (Hase et al.'s comparison)."""
+    editors = {
+        "finetune": lambda layer, prompt, subject, answer: edit_layer(model, layer, prompt, answer, cfg.edit_steps, cfg.edit_lr),
+        "rank_one": lambda layer, prompt, subject, answer: rank_one_edit(model, layer, prompt, subject[-1], answer,
+                                                                         cfg.edit_steps, cfg.edit_lr),
+    }
+    rows = []
+    facts = [forward_fact_prompt(tokenizer, p, c) for p, c in pairs]
+    for i, ((prompt, subject, _), trace) in enumerate(zip(facts, traces)):
+        new_answer = facts[(i + 1) % len(facts)][2]
+        others = [(p, a) for j, (p, _, a) in enumerate(facts) if j != i]
+        before = float(sequence_logprobs(model, [prompt], [new_answer])[0])
+        for method, edit in editors.items():
+            for layer in range(len(model.blocks)):
+                scores = edit_scores(edit(layer, prompt, subject, new_answer), prompt, new_answer, others)
+                rows.append({"fact": i, "method": method, "layer": layer, **scores,
+                             "logprob_gain": scores["new_logprob"] - before,
+                             "trace_mlp": float(trace.recovery("mlp")[layer, subject[-1]]),
+                             "trace_resid": float(trace.recovery("resid")[layer, subject[-1]])})
+    return rows
+
+
+def trace_checkpoints(run, steps: Sequence[int], pairs: Sequence[tuple[str, str]],
+                      cfg: ReversalTracingConfig) -> list[dict]:
+    """Per checkpoint and layer: mean p(answer) of the clean run and mean recovery at the last subject
+    token, for each site — how the location of the facts forms during training."""
+    rows = []
+    for step in steps:
+        model, tokenizer = run.load_model(step)
+        traces = trace_pairs(model, tokenizer, pairs, cfg)
+        last_subject = traces[0].subject[-1]
+        for site in SITES:
+            recovery = mean_recovery(traces, site)
+            for layer in range(recovery.shape[0]):
+                rows.append({"step": step, "site": site, "layer": layer, "recovery": float(recovery[layer, last_subject]),
+                             "p_clean": float(np.mean([t.p_clean for t in traces])),
+                             "p_corrupt": float(np.mean([t.p_corrupt for t in traces]))})
+    return rows

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from lablib.config import ConfigError, ModelConfig
 from lablib.models import Transformer
 from lablib.tasks.facts import (REVERSAL_VARIANTS, TEMPLATES, ReversalConfig, ReversalStream, biography,
+                                candidate_logprobs,
                                 make_reversal_data, make_world, name_ranking, permute_chunks, probes_for,
                                 reversal_tokenizer, reverse_chunks, reverse_tokens, sequence_logprobs,
                                 target_logprobs, word_tokenizer, world_texts)
@@ -162,3 +163,11 @@ def test_name_ranking_ranks_the_favoured_name_first_and_greedy_matches_it():
 def test_reversal_config_refuses_an_unknown_variant():
     with pytest.raises(ConfigError, match="variants"):
         ReversalConfig.resolve("smoke", variants=["plain", "mirror"])
+
+
+def test_candidate_scores_match_scoring_each_candidate_alone():
+    model = tiny_model(20)
+    prompts, candidates = [[1, 2, 3], [4, 5]], [[6, 7], [6, 8], [9, 7], [10]]
+    shared = candidate_logprobs(model, prompts, candidates)
+    alone = np.array([[sequence_logprobs(model, [p], [c])[0].item() for c in candidates] for p in prompts])
+    assert shared == pytest.approx(alone, abs=1e-5)

@@ -13,7 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from lablib.config import ConfigError, ModelConfig  # noqa: E402
-from lablib.gpt2 import from_gpt2, gpt2_config, load_gpt2, to_gpt2, weight_pairs  # noqa: E402
+from lablib.gpt2 import from_gpt2, gpt2_config, load_gpt2, load_gpt2_tokenizer, to_gpt2, weight_pairs  # noqa: E402
 from lablib.models import Transformer  # noqa: E402
 from lablib.objectives import CausalLM  # noqa: E402
 
@@ -99,6 +99,25 @@ def test_checkpoint_folder_on_disk_loads(tmp_path):
     x = tokens()
     with torch.no_grad():
         torch.testing.assert_close(lab(x), hf(x).logits, atol=ATOL, rtol=0)
+
+
+def test_checkpoint_on_disk_is_analysed_with_the_lab_tools(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from lablib.analysis import analyze_prompt
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(["def f(x):\n    return x + 1\n"] * 20, trainers.BpeTrainer(
+        vocab_size=97, special_tokens=["<|endoftext|>"], show_progress=False))  # ids fit the model's 97
+    folder = tmp_path / "gpt2-tiny"
+    small_gpt2().save_pretrained(folder)
+    backend.save(str(folder / "tokenizer.json"))
+    model, tokenizer = load_gpt2(folder), load_gpt2_tokenizer(folder)
+    analysis = analyze_prompt(model, tokenizer, "def f(x):")
+    assert "".join(analysis.tokens) == "def f(x):"
+    assert analysis.attention.shape[:2] == (2, 4)  # layers, heads of the GPT-2 config
 
 
 def test_missing_checkpoint_folder_is_refused_without_download(tmp_path):

@@ -6,7 +6,8 @@ import torch
 
 from lablib.config import ModelConfig
 from lablib.models import Transformer
-from lablib.tracing import (SITES, edit_layer, edit_scores, embedding_noise_std, restored_probability, site_name,
+from lablib.tracing import (SITES, edit_layer, edit_scores, embedding_noise_std, rank_one_edit, restored_probability,
+                            site_name,
                             subject_positions, trace_fact)
 
 IDS = [3, 7, 8, 11, 12, 13, 14]
@@ -78,3 +79,18 @@ def test_enough_edit_steps_make_the_new_answer_the_continuation(model):
     scores = edit_scores(edited, IDS, [TARGET, 4], others=[([3, 5], [6])])
     assert scores["success"] == 1.0
     assert 0.0 <= scores["specificity"] <= 1.0
+
+
+def test_a_rank_one_edit_changes_one_matrix_by_a_rank_one_update(model):
+    edited = rank_one_edit(model, 1, IDS, SUBJECT[-1], [TARGET], steps=3, lr=1e-2)
+    changed = {name for (name, a), (_, b) in zip(model.named_parameters(), edited.named_parameters())
+               if not torch.equal(a, b)}
+    assert changed == {"blocks.1.mlp.c_proj.weight"}
+    update = edited.blocks[1].mlp.c_proj.weight - model.blocks[1].mlp.c_proj.weight
+    assert torch.linalg.matrix_rank(update, atol=1e-6).item() == 1
+
+
+def test_a_rank_one_edit_at_the_last_token_installs_a_new_answer(model):
+    # An untrained model barely reads the subject position from the last one, so edit the key there.
+    edited = rank_one_edit(model, 1, IDS, len(IDS) - 1, [TARGET], steps=40, lr=5e-2)
+    assert edit_scores(edited, IDS, [TARGET], others=[])["success"] == 1.0

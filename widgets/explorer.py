@@ -76,7 +76,7 @@ class CheckpointExplorer(w.VBox):
         half = width if stacked else width // 2
         self.title = w.HTML()
         self.step_slider = w.SelectionSlider(options=[WAITING], description="step", continuous_update=False,
-                                             layout=w.Layout(width=f"{min(width, 600)}px"))
+                                             disabled=True, layout=w.Layout(width=f"{min(width, 600)}px"))
         self.step_label = w.HTML()
         self.step_label.add_class("lablib-step")
         self.metric_picker = w.Dropdown(description="right panel", layout=w.Layout(width="260px"))
@@ -106,7 +106,8 @@ class CheckpointExplorer(w.VBox):
         self.layer_picker.observe(lambda _: self._draw_attention(), "value")
         self.head_picker.observe(lambda _: self._draw_attention(), "value")
         self.metric_picker.observe(lambda _: self._draw_curves(), "value")
-        self.refresh()
+        if not self.refresh():
+            self._redraw_analysis()  # nothing written yet: say that it waits
         if live:
             self._thread = threading.Thread(target=self._poll_forever, name="lablib-explorer-poll", daemon=True)
             self._thread.start()
@@ -307,8 +308,8 @@ class RunComparison(w.HBox):
             target.value = source.value
 
     def close(self) -> None:
-        for link in self._links:
-            link.unlink()
+        while self._links:  # close() runs again from __del__; unlink only once
+            self._links.pop().unlink()
         self.left.close()
         self.right.close()
         super().close()

@@ -466,7 +466,7 @@ def train_model(cfg: CausalAxiomsConfig, run=None, *, progress: bool = True):
         tokenizer.save(run.path / "tokenizer.json")
     model = build_model(cfg, tokenizer)
     rng = np.random.default_rng([cfg.eval_seed, 999])
-    held_out = training_examples(rng, cfg, cfg.eval_batches * cfg.batch_size + 256, evaluation=True)
+    held_out = training_examples(rng, cfg, cfg.eval_batches * cfg.batch_size + cfg.eval_examples, evaluation=True)
     val = [encode_answered(tokenizer, held_out[i * cfg.batch_size:(i + 1) * cfg.batch_size], cfg.seq_len + 1)
            for i in range(cfg.eval_batches)]
     probe = held_out[cfg.eval_batches * cfg.batch_size:]

@@ -5,8 +5,9 @@ Notable here:
   from shared pools, so a name is a two-token chunk), a birth year, a home city and an
   employer; every employer is based in a city. Everything is seeded.
 - A fact is rendered through paraphrase templates (`TEMPLATES`); every template ends
-  with the object, so a probe is "template prefix -> object tokens". The last template
-  of each relation is held out of injected text and used as the semantic probe.
+  with the object, so a probe is "template prefix -> object tokens". Background text uses
+  every template; the last one of each relation is never used for injected facts and is
+  their semantic probe (a familiar wording the fact was never seen in).
 - Probes of three kinds (`probes_for`): memorization (the injected sentence's own
   prefix), semantic (a held-out paraphrase) and compositional (a two-hop question:
   where is this person's employer based?). `target_logprobs` scores each probe as the
@@ -133,13 +134,13 @@ def biography(person: Person, template_index: int | Sequence[int]) -> str:
 
 
 def background_documents(world: World, renders_per_person: int, seed: int = 0) -> list[str]:
-    """Filler text: each background person's biography through random training templates, the
-    two-hop sentence for each of them, and every company's home city."""
+    """Filler text: each background person's biography through random templates (all of them, so
+    every wording is familiar), the two-hop sentence for each of them, and every company's city."""
     rng = np.random.default_rng(seed)
     docs = []
     for _ in range(renders_per_person):
         for p in world.background:
-            bio = biography(p, rng.integers(0, N_TRAIN_TEMPLATES, len(TEMPLATES)).tolist())
+            bio = biography(p, rng.integers(0, len(TEMPLATES["born"]), len(TEMPLATES)).tolist())
             two_hop = render(TWO_HOP_TEMPLATE, p.name, world.company_city[p.employer])
             docs.append(f"{bio} {two_hop}")
         docs.extend(render(COMPANY_TEMPLATE, c, city) for c, city in world.company_city.items())
@@ -254,6 +255,35 @@ def greedy_continuation(model: torch.nn.Module, prompts: Sequence[Sequence[int]]
     return out
 
 
+@torch.no_grad()
+def candidate_logprobs(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
+                       candidates: Sequence[Sequence[int]]) -> np.ndarray:
+    """(n_prompts, n_candidates) log p(candidate | prompt). Candidates that share all but their last
+    token share one forward pass, so ranking all two-token names costs one pass per first name."""
+    prefixes = sorted({tuple(c[:-1]) for c in candidates})
+    rows = [list(p) + list(q) for p in prompts for q in prefixes]
+    prefix_lp = sequence_logprobs(model, [list(p) for p in prompts for _ in prefixes],
+                                  [list(q) for _ in prompts for q in prefixes]).view(len(prompts), len(prefixes))
+    was_training = model.training
+    model.eval()
+    device = _model_device(model)
+    last = []
+    for start in range(0, len(rows), 512):  # the next-token distribution after each prompt + prefix
+        chunk = rows[start:start + 512]
+        width = max(map(len, chunk))
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        for i, r in enumerate(chunk):
+            ids[i, :len(r)] = torch.tensor(r)
+        logp = F.log_softmax(model(ids.to(device), mask="causal").float(), -1).cpu().double()
+        last.append(logp[torch.arange(len(chunk)), torch.tensor([len(r) - 1 for r in chunk])])
+    model.train(was_training)
+    last_lp = torch.cat(last).view(len(prompts), len(prefixes), -1)
+    where = {q: i for i, q in enumerate(prefixes)}
+    cols = torch.tensor([where[tuple(c[:-1])] for c in candidates])
+    final = torch.tensor([c[-1] for c in candidates])
+    return (prefix_lp[:, cols] + last_lp[:, cols, final]).numpy()
+
+
 def name_ranking(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], answers: Sequence[str],
                  candidates: Sequence[str]) -> dict[str, np.ndarray]:
     """For each prompt: the answer's rank among all candidate names (1 = best), and greedy exact match."""
@@ -263,13 +293,10 @@ def name_ranking(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence
         raise ValueError(f"answers: expected every answer among the candidates, missing {missing[:3]}")
     prompt_ids = [[tokenizer.eos_id] + tokenizer.encode(p) for p in prompts]
     cand_ids = [tokenizer.encode(c) for c in candidates]
-    lengths = {len(c) for c in cand_ids}
-    pairs = [(p, c) for p in prompt_ids for c in cand_ids]
-    scores = sequence_logprobs(model, [p for p, _ in pairs], [c for _, c in pairs], batch_size=2048)
-    scores = scores.view(len(prompts), len(candidates)).numpy()
+    scores = candidate_logprobs(model, prompt_ids, cand_ids)
     answer_scores = scores[np.arange(len(prompts)), [index[a] for a in answers]]
     ranks = 1 + (scores > answer_scores[:, None]).sum(1)
-    greedy = greedy_continuation(model, prompt_ids, max(lengths))
+    greedy = greedy_continuation(model, prompt_ids, max(map(len, cand_ids)))
     exact = np.array([g[:len(cand_ids[index[a]])] == cand_ids[index[a]] for g, a in zip(greedy, answers)])
     return {"rank": ranks, "exact": exact, "top1": ranks == 1}
 

@@ -1,0 +1,243 @@
+"""The checkpoint explorer in a real browser: JupyterLab on 127.0.0.1 driven through Debian's Chromium.
+
+Everything is started here and stopped here: a JupyterLab server in its own process
+group with its own config, runtime and root folders; the kernels it started; a
+training process for the live test; and Chromium through Playwright. Marked
+`browser` (run by .ci/run; `pytest -m "not browser"` skips it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+REPO = Path(__file__).resolve().parents[1]
+
+# A tiny causal LM trained for real, checkpoints on the log-spaced schedule; `pace` seconds
+# of sleep per step make a run slow enough to watch live.
+TRAIN_TINY_RUN = textwrap.dedent('''
+    import time, torch
+    from lablib.config import ModelConfig, TrainConfig
+    from lablib.data import TokenBlocks, char_tokenizer
+    from lablib.models import Transformer
+    from lablib.objectives import CausalLM
+    from lablib.runs import create_run
+    from lablib.train import train
+
+    def train_tiny_run(path, steps, checkpoint_every, pace=0.0):
+        text = "def add(a, b):\\n    return a + b\\n\\nclass Point:\\n    x = 0\\n" * 20
+        tok = char_tokenizer([text])
+        ids = torch.tensor(tok.encode(text))
+        blocks = TokenBlocks(ids[: len(ids) // 17 * 17].reshape(-1, 17))
+        run = create_run("browser", {"steps": steps}, path)
+        tok.save(run.path / "tokenizer.json")
+        model = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, max_seq_len=32))
+        cfg = TrainConfig(steps=steps, batch_size=8, seq_len=16, warmup_steps=1, log_every=1, eval_every=2,
+                          checkpoint_every=checkpoint_every, learning_rate=3e-3, device="cpu", compile="off",
+                          num_threads=1)
+        pacing = [(1, lambda step, model: time.sleep(pace))] if pace else []
+        train(model, CausalLM(), blocks, cfg, run, val=blocks.eval_batches(1, 8), callbacks=pacing, progress=False)
+        return run
+''')
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def notebook(path: Path, *cells: str) -> Path:
+    nb = {"cells": [{"cell_type": "code", "metadata": {}, "source": c, "outputs": [], "execution_count": None}
+                    for c in cells],
+          "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+          "nbformat": 4, "nbformat_minor": 5}
+    path.write_text(json.dumps(nb))
+    return path
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A JupyterLab server on 127.0.0.1 with a token; yields (base url, token, root folder)."""
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"{CHROMIUM} is missing; install Debian's chromium (apt-get install -y chromium)")
+    import psutil
+
+    base = tmp_path_factory.mktemp("lab")
+    root, runtime, config = base / "root", base / "runtime", base / "config"
+    settings = config / "lab" / "user-settings" / "@jupyterlab" / "notebook-extension"
+    for folder in (root, runtime, config / "labconfig", settings):
+        folder.mkdir(parents=True)
+    # no "news" toast over the notebook, and no kernel-picker dialog: start the notebook's own kernel
+    (config / "labconfig" / "page_config.json").write_text(json.dumps(
+        {"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}))
+    (settings / "tracker.jupyterlab-settings").write_text(json.dumps({"autoStartDefaultKernel": True}))
+    port, token = free_port(), secrets.token_hex(16)
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime), "JUPYTER_CONFIG_DIR": str(config),
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "LABLIB_RUNS": str(root / "runs"), "OMP_NUM_THREADS": "1"}
+    log = open(base / "jupyter.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.port_retries=0",
+         f"--LabApp.workspaces_dir={base / 'workspaces'}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"JupyterLab did not start; see {base / 'jupyter.log'}")
+                time.sleep(0.5)
+        yield url, token, root
+    finally:
+        # kernels run in their own sessions: find them by this server's runtime folder, then stop the server
+        kernels = [p for p in psutil.process_iter(["pid", "cmdline"])
+                   if any(str(runtime) in part for part in (p.info["cmdline"] or []))]
+        kill_group(server)
+        for proc in kernels:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        log.close()
+
+
+@pytest.fixture
+def page(lab, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+            pg.set_default_timeout(120_000)
+            yield pg
+        finally:
+            browser.close()
+
+
+def open_and_run(page, lab, name: str) -> None:
+    url, token, _ = lab
+    page.goto(f"{url}/lab/tree/{name}?token={token}")
+    page.wait_for_selector(".jp-Notebook .jp-Cell")
+    page.get_by_text("Kernel status: Idle").first.wait_for(state="attached")  # the notebook's kernel is up
+    page.get_by_role("menuitem", name="Run", exact=True).click()
+    page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+    page.wait_for_selector(".lablib-explorer .lablib-step")
+
+
+def step_text(page) -> str:
+    return page.inner_text(".lablib-explorer .lablib-step")
+
+
+def heatmap(page, view: str):
+    return page.evaluate(f"() => document.querySelector('.lablib-explorer .{view} .js-plotly-plot').data[0].z")
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_explorer_in_jupyterlab_follows_slider_and_prompt(lab, page, tmp_path):
+    _, _, root = lab
+    notebook(root / "explore.ipynb",
+             TRAIN_TINY_RUN + "run = train_tiny_run('runs/tiny', steps=8, checkpoint_every=4)",
+             "from widgets.explorer import CheckpointExplorer\n"
+             "explorer = CheckpointExplorer(run.path, prompt='def add(a, b):', poll_interval=0.5)\nexplorer")
+    open_and_run(page, lab, "explore.ipynb")
+    wait_for(lambda: "step 8" in step_text(page), 60, "the explorer to open on step 8")
+    page.wait_for_function("() => document.querySelector('.lablib-attention .js-plotly-plot')?.data?.[0]?.z")
+    attention_before, lens_before = heatmap(page, "lablib-attention"), heatmap(page, "lablib-lens")
+    assert len(attention_before) == len("def add(a, b):")
+
+    page.focus(".lablib-explorer .noUi-handle")
+    page.keyboard.press("Home")  # first checkpoint
+    wait_for(lambda: "step 1 " in step_text(page) + " ", 30, "the step label to say step 1")
+    assert page.inner_text(".lablib-explorer .widget-readout") == "1"
+    wait_for(lambda: heatmap(page, "lablib-lens") != lens_before, 30, "the logit lens to change")
+    assert heatmap(page, "lablib-attention") != attention_before
+
+    prompt = page.locator(".lablib-prompt textarea")
+    prompt.fill("class Point:")
+    prompt.press("Tab")  # the box sends its value when it loses focus
+    wait_for(lambda: len(heatmap(page, "lablib-attention")) == len("class Point:"), 30,
+             "the attention heatmap to redraw for the new prompt")
+    page.locator(".lablib-explorer").screenshot(path=str(tmp_path / "explorer.png"))
+    assert (tmp_path / "explorer.png").stat().st_size > 10_000
+
+
+def test_checkpoints_of_a_run_training_in_another_process_reach_the_slider(lab, page, tmp_path):
+    _, _, root = lab
+    run_dir = root / "runs" / "live"
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", TRAIN_TINY_RUN + f"train_tiny_run({str(run_dir)!r}, steps=80, checkpoint_every=10, pace=0.3)"],
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (run_dir / "model.json").is_file(), 60, "the training process to create its run folder")
+        notebook(root / "live.ipynb", "from widgets.explorer import CheckpointExplorer\n"
+                                      f"CheckpointExplorer({str(run_dir)!r}, prompt='x = 0', poll_interval=0.5)")
+        open_and_run(page, lab, "live.ipynb")
+        from lablib.checkpoints import list_checkpoints
+
+        # for each checkpoint written after the page showed up: when it appeared on disk, when in the slider
+        on_disk: dict[int, float] = {}
+        in_slider: dict[int, float] = {}
+        deadline = time.monotonic() + 120
+        while trainer.poll() is None or set(on_disk) - set(in_slider):
+            if time.monotonic() > deadline:
+                break
+            now = time.monotonic()
+            for step in list_checkpoints(run_dir):
+                on_disk.setdefault(step, now)
+            label = step_text(page)
+            if "newest" in label:
+                newest = int(label.rsplit("newest", 1)[1].split()[0])
+                for step in on_disk:
+                    if step <= newest:
+                        in_slider.setdefault(step, time.monotonic())
+            time.sleep(0.1)
+        first_seen = min(in_slider.values())
+        delays = {s: in_slider[s] - on_disk[s] for s in in_slider if on_disk[s] > first_seen}
+        print("checkpoint -> slider delays (s):", {s: round(d, 2) for s, d in sorted(delays.items())})
+        assert sorted(in_slider) == list_checkpoints(run_dir)
+        assert len(delays) >= 2, f"too few checkpoints arrived while watching: {sorted(on_disk)}"
+        assert max(delays.values()) < 10.0
+    finally:
+        kill_group(trainer)

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from lablib.data import (SPECIAL_TOKENS, TokenBlocks, Tokenizer, bpe_tokenizer, char_tokenizer, load_corpus, pack,
+                         prepare_lm_data, split_documents, stdlib_documents, tokenize_corpus)
+
+TEXT = "def f(x):\n    return x + 1\n\nclass A:\n    pass\n"
+
+
+def test_char_tokenizer_round_trips_and_has_the_special_tokens():
+    tok = char_tokenizer([TEXT])
+    assert tok.decode(tok.encode(TEXT)) == TEXT
+    assert len(tok.encode(TEXT)) == len(TEXT)
+    assert [tok.backend.token_to_id(t) for t in SPECIAL_TOKENS] == [tok.pad_id, tok.unk_id, tok.mask_id, tok.eos_id]
+    assert tok.encode("€") == [tok.unk_id]
+
+
+def test_bpe_tokenizer_round_trips_any_text_and_merges(tmp_path):
+    tok = bpe_tokenizer([TEXT * 50], vocab_size=300)
+    for text in (TEXT, "naïve ünïcode → ok"):
+        assert tok.decode(tok.encode(text)) == text  # byte level: nothing is unknown
+    assert len(tok.encode(TEXT)) < len(TEXT)
+    tok.save(tmp_path / "tokenizer.json")
+    again = Tokenizer.load(tmp_path / "tokenizer.json")
+    assert again.encode(TEXT) == tok.encode(TEXT) and again.fingerprint() == tok.fingerprint()
+
+
+def test_stdlib_corpus_is_offline_and_holds_source_and_pydoc_text():
+    docs = list(stdlib_documents(max_chars=300_000))
+    sources = [d["source"] for d in docs]
+    assert any(s.startswith("pydoc_data/") for s in sources) and any(s.endswith(".py") for s in sources)
+    assert sum(len(d["text"]) for d in docs) >= 300_000
+
+
+def test_document_split_is_disjoint_and_deterministic():
+    ds = load_corpus("stdlib", max_chars=200_000)
+    train, val = split_documents(ds, 0.1, seed=0)
+    assert not set(train["source"]) & set(val["source"])
+    assert len(train) + len(val) == len(ds)
+    assert split_documents(ds, 0.1, seed=0)[1]["source"] == val["source"]
+
+
+def test_local_text_files_are_a_corpus(tmp_path):
+    for i in range(3):
+        (tmp_path / f"doc{i}.txt").write_text(f"document {i}\n" * 20)
+    ds = load_corpus(str(tmp_path))
+    assert len(ds) == 3 and ds[0]["text"].startswith("document 0")
+    with pytest.raises(FileNotFoundError, match="expected 'stdlib', 'hf:NAME' or an existing file or folder"):
+        load_corpus(str(tmp_path / "missing"))
+
+
+def test_tokenized_corpus_is_cached_and_reused():
+    ds = load_corpus("stdlib", max_chars=100_000)
+    tok = char_tokenizer(ds["text"])
+    first = tokenize_corpus(ds, tok)
+    second = tokenize_corpus(load_corpus("stdlib", max_chars=100_000), tok)
+    assert first.cache_files and first.cache_files == second.cache_files
+    assert first[0]["ids"][-1] == tok.eos_id
+
+
+def test_pack_cuts_fixed_blocks_and_refuses_tiny_corpora():
+    ds = load_corpus("stdlib", max_chars=50_000)
+    tok = char_tokenizer(ds["text"])
+    blocks = pack(tokenize_corpus(ds, tok), 65)
+    assert blocks.shape[1] == 65 and blocks.dtype == torch.int64
+    with pytest.raises(ValueError, match="fewer than one block"):
+        pack(tokenize_corpus(ds.select([0]), tok), 10**7)
+
+
+def test_batches_are_a_pure_function_of_seed_and_index_and_cover_an_epoch():
+    data = TokenBlocks(torch.arange(40).reshape(10, 4))
+    a, b = data.batch(3, 4, seed=1), data.batch(3, 4, seed=1)
+    assert torch.equal(a["tokens"], b["tokens"])
+    assert not torch.equal(data.batch(3, 4, seed=2)["tokens"], a["tokens"])
+    epoch = torch.cat([data.batch(i, 5, seed=0)["tokens"] for i in range(2)])
+    assert sorted(epoch[:, 0].tolist()) == list(range(0, 40, 4))  # every block once per epoch
+
+
+def test_prepare_lm_data_end_to_end():
+    data = prepare_lm_data("stdlib", "char", seq_len=32, max_chars=100_000)
+    assert data.train.blocks.shape[1] == 33 and len(data.val) > 0
+    assert data.summary()["vocab_size"] == data.tokenizer.vocab_size

@@ -1,0 +1,77 @@
+import json
+
+import pytest
+import torch
+
+from lablib.config import ConfigError, ModelConfig
+from lablib.checkpoints import save_checkpoint
+from lablib.data import char_tokenizer
+from lablib.lm import LMConfig
+from lablib.models import Transformer
+from lablib.runs import MetricsLog, create_run, list_runs, open_run, runs_table, start_run
+
+
+def test_metrics_are_readable_while_a_line_is_half_written(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.append({"step": 1, "loss": 2.0})
+    with open(log.path, "a") as f:
+        f.write('{"step": 2, "lo')  # the writer is mid-line
+    assert log.rows() == [{"step": 1, "loss": 2.0}]
+
+
+def test_truncate_after_drops_rows_past_the_resume_step(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for s in range(5):
+        log.append({"step": s})
+    log.truncate_after(2)
+    assert [r["step"] for r in log.rows()] == [0, 1, 2]
+
+
+def test_open_run_gives_params_metrics_checkpoints_and_the_model(tmp_path):
+    run = create_run("demo", {"lr": 0.1}, tmp_path / "demo" / "r1")
+    tok = char_tokenizer(["abc"])
+    tok.save(run.path / "tokenizer.json")
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=1, d_model=8, max_seq_len=4))
+    run.save_model_spec(model)
+    save_checkpoint(run.path, 3, model)
+    run.log.append({"step": 3, "loss": 1.5})
+
+    again = open_run(run.path)
+    assert again.params == {"experiment": "demo", "lr": 0.1}
+    assert again.metrics()["loss"].tolist() == [1.5]
+    assert again.checkpoints() == [3]
+    loaded, loaded_tok = again.load_model()
+    x = torch.tensor([loaded_tok.encode("abca")])
+    assert torch.equal(loaded(x), model.eval()(x))
+    assert again.state() == "running"
+
+
+def test_model_classes_are_only_rebuilt_from_lablib(tmp_path):
+    run = create_run("demo", {}, tmp_path / "r")
+    (run.path / "model.json").write_text(json.dumps({"class": "os:system", "config_class": "os:getcwd", "config": {}}))
+    with pytest.raises(ValueError, match="refusing to import 'os:system'"):
+        run.build_model()
+
+
+def test_results_mark_the_run_done_and_tables_list_runs(tmp_path):
+    run = create_run("demo", {"preset": "smoke"}, tmp_path / "runs" / "demo" / "r1")
+    run.write_results({"final_val_loss": 1.25, "note": "text is not a table column"})
+    assert run.status["status"] == "done"
+    assert [r.path for r in list_runs(root=tmp_path / "runs")] == [run.path]
+    table = runs_table(root=tmp_path / "runs")
+    assert table.loc[0, "result.final_val_loss"] == 1.25 and table.loc[0, "status"] == "done"
+
+
+def test_a_run_whose_process_is_gone_shows_as_stopped(tmp_path):
+    run = create_run("demo", {}, tmp_path / "r")
+    run.set_status("running", pid=2**22 + 12345)  # no such process
+    assert run.state() == "stopped"
+
+
+def test_start_run_refuses_to_resume_with_other_parameters(tmp_path):
+    cfg = LMConfig.resolve("smoke")
+    start_run("quickstart", cfg, tmp_path / "r")
+    start_run("quickstart", cfg, tmp_path / "r")  # same parameters: fine
+    with pytest.raises(ConfigError, match=r"made with other parameters: steps=30 \(now 31\)"):
+        start_run("quickstart", LMConfig.resolve("smoke", steps=31), tmp_path / "r")

@@ -1,0 +1,116 @@
+import math
+
+import pytest
+import torch
+
+from lablib.config import ModelConfig, TrainConfig
+from lablib.data import TokenBlocks
+from lablib.models import Transformer
+from lablib.objectives import CausalLM, MaskedLM
+from lablib.runs import create_run
+from lablib.train import TrainingDiverged, grad_accum_steps, learning_rate, resolve_hardware, train
+
+BLOCKS = TokenBlocks(torch.randint(4, 30, (64, 17), generator=torch.Generator().manual_seed(0)))
+
+
+def tiny(seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(vocab_size=30, n_layer=1, n_head=2, d_model=16, max_seq_len=16, dropout=dropout))
+
+
+def cfg(**kw):
+    base = dict(steps=12, batch_size=4, seq_len=16, warmup_steps=2, log_every=1, eval_every=4, checkpoint_every=4,
+                learning_rate=3e-3, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def losses(run):
+    return run.metrics().dropna(subset=["loss"])[["step", "loss"]].values.tolist()
+
+
+def test_schedules():
+    c = cfg(steps=100, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1, learning_rate=1.0)
+    assert learning_rate(0, c) == pytest.approx(0.1) and learning_rate(9, c) == pytest.approx(1.0)
+    assert learning_rate(99, c) == pytest.approx(0.1, abs=1e-3)
+    w = cfg(steps=100, warmup_steps=10, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0, learning_rate=1.0)
+    assert learning_rate(50, w) == 1.0 and learning_rate(79, w) == 1.0
+    assert learning_rate(89, w) == pytest.approx(0.5) and learning_rate(99, w) == pytest.approx(0.0)
+    assert learning_rate(60, cfg(steps=100, schedule="constant", learning_rate=0.3)) == 0.3
+
+
+def test_grad_accumulation_reaches_the_token_target():
+    assert grad_accum_steps(cfg(batch_size=4, seq_len=16, batch_tokens=256)) == 4
+    assert grad_accum_steps(cfg(batch_size=4, seq_len=16, batch_tokens=256), world_size=2) == 2
+    assert grad_accum_steps(cfg(batch_size=4, seq_len=16)) == 1
+
+
+def test_hardware_policy_on_cpu_records_reasons():
+    policy = resolve_hardware(cfg(device="auto"))
+    if not torch.cuda.is_available():
+        assert (policy.device, policy.dtype, policy.compile) == ("cpu", "float32", False)
+    assert set(policy.reasons) >= {"device", "dtype", "compile", "fused_adamw", "tf32", "num_threads"}
+    assert resolve_hardware(cfg(compile="on")).compile is True
+
+
+def test_training_reduces_loss_and_logs_metrics(tmp_path):
+    run = create_run("t", {}, tmp_path / "run")
+    result = train(tiny(), CausalLM(), BLOCKS, cfg(steps=30, learning_rate=1e-2), run, val=BLOCKS.eval_batches(2, 4),
+                   progress=False)
+    m = run.metrics()
+    assert m["loss"].dropna().iloc[-1] < m["loss"].dropna().iloc[0]
+    assert {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "val_loss"} <= set(m.columns)
+    assert result.tokens == 30 * 4 * 16
+    assert run.checkpoints() == [1, 2, 4, 8, 12, 16, 20, 24, 28, 30]
+
+
+def test_training_is_deterministic_on_cpu(tmp_path):
+    a, b = (create_run("t", {}, tmp_path / n) for n in "ab")
+    for r in (a, b):
+        train(tiny(dropout=0.1), MaskedLM(mask_id=2, vocab_size=30), BLOCKS, cfg(), r, progress=False)
+    assert losses(a) == losses(b)
+
+
+def test_resume_continues_exactly_like_the_uninterrupted_run(tmp_path):
+    full = create_run("t", {}, tmp_path / "full")
+    train(tiny(dropout=0.1), MaskedLM(mask_id=2, vocab_size=30), BLOCKS, cfg(), full,
+          val=BLOCKS.eval_batches(1, 4), progress=False)
+    part = create_run("t", {}, tmp_path / "part")
+    # a crash after step 10 (past the step-8 checkpoint); the process-level SIGKILL case is in test_cli.py
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(dropout=0.1), MaskedLM(mask_id=2, vocab_size=30), BLOCKS, cfg(), part,
+              val=BLOCKS.eval_batches(1, 4), progress=False, callbacks=[(1, _crash_after(10))])
+    assert part.checkpoints()[-1] == 8 and max(r["step"] for r in part.log.rows()) >= 9
+    result = train(tiny(seed=123, dropout=0.1), MaskedLM(mask_id=2, vocab_size=30), BLOCKS, cfg(), part,
+                   val=BLOCKS.eval_batches(1, 4), progress=False)
+    assert result.resumed_from == 8
+    assert losses(part) == losses(full)
+    assert part.metrics()["val_loss"].dropna().tolist() == full.metrics()["val_loss"].dropna().tolist()
+
+
+def _crash_after(step_limit):
+    def callback(step, model):
+        if step >= step_limit:
+            raise KeyboardInterrupt
+    return callback
+
+
+class ExplodingObjective:
+    name = "explode"
+
+    def __call__(self, model, batch, generator):
+        loss, metrics = CausalLM()(model, batch, generator)
+        return (loss * math.nan if self.step >= 6 else loss), metrics
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    run = create_run("t", {}, tmp_path / "run")
+    objective = ExplodingObjective()
+    objective.step = 0
+
+    def count(step, model):
+        objective.step = step
+
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 7; the last good checkpoint is step 4"):
+        train(tiny(), objective, BLOCKS, cfg(), run, progress=False, callbacks=[(1, count)])
+    assert run.checkpoints() == [1, 2, 4]

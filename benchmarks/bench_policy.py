@@ -25,7 +25,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench_train_step import build
-from common import interleaved, machine, markdown_table, median, stamp, update_readme, write_results
+from common import RESULTS, interleaved, machine, markdown_table, median, stamp, update_readme, write_results
 
 CPU_THREADS = os.cpu_count() or 1
 
@@ -72,9 +72,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--knobs", default=None, help="comma-separated subset of the rows")
+    parser.add_argument("--name", default=None, help="results/<name>.json and README section (default: policy_<device>)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of every row but num_threads (default: torch's, one per core)")
+    parser.add_argument("--report", action="store_true", help="only rewrite the README section from the results")
     args = parser.parse_args()
+    if args.report:
+        print(report(args.name or f"policy_{args.device}"))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     info = machine()
@@ -97,15 +102,29 @@ def main() -> None:
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "step_s"}, default=str), flush=True)
     info["load_average_at_end"] = os.getloadavg()
-    name = f"policy_{args.device}"
-    path = write_results(name, {"machine": info, "args": vars(args), "rows": rows})
-    shown = [{"knob": r["knob"], "A": r["a"], "B": r["b"], "A tok/s": f"{r['a_tok_s']:,.0f}",
-              "B tok/s": f"{r['b_tok_s']:,.0f}", "B / A": f"{r['b_over_a']:.2f}x",
-              "warm-up s A / B": f"{r['warmup_s'][r['a']]:.0f} / {r['warmup_s'][r['b']]:.0f}"} for r in rows]
+    name = args.name or f"policy_{args.device}"
+    write_results(name, {"machine": info, "args": vars(args), "threads": torch.get_num_threads(), "rows": rows})
+    print(report(name))
+
+
+def report(name: str) -> str:
+    """Rewrite the README section of results/<name>.json; returns the table."""
+    data = json.loads((RESULTS / f"{name}.json").read_text())
+    args = data["args"]
+    shown = []
+    for r in data["rows"]:
+        a, b = r["step_s"][r["a"]], r["step_s"][r["b"]]
+        shown.append({"knob": r["knob"], "A": r["a"], "B": r["b"], "A tok/s": f"{r['a_tok_s']:,.0f}",
+                      "B tok/s": f"{r['b_tok_s']:,.0f}", "B / A": f"{r['b_over_a']:.2f}x",
+                      "paired B / A": f"{median([x / y for x, y in zip(a, b)]):.2f}x",
+                      "paired range": f"{min(x / y for x, y in zip(a, b)):.2f}-{max(x / y for x, y in zip(a, b)):.2f}",
+                      "warm-up s A / B": f"{r['warmup_s'][r['a']]:.0f} / {r['warmup_s'][r['b']]:.0f}"})
     text = markdown_table(shown, list(shown[0]))
-    update_readme(name, f"{text}\n\n{stamp(info)} {torch.get_num_threads()} torch thread(s) unless the row says otherwise; lab model {args.size}, batch {args.batch} x seq {args.seq}, "
-                        f"median of {args.repeats} alternating steps; raw numbers: `{path.relative_to(path.parents[1])}`.")
-    print(text)
+    update_readme(name, f"{text}\n\n{stamp(data['machine'], data['date'])} {data.get('threads', args.get('threads'))} "
+                        f"torch thread(s) unless the row says otherwise; lab model {args['size']}, batch {args['batch']} x "
+                        f"seq {args['seq']}; tok/s are medians of {args['repeats']} alternating steps, 'paired' the median "
+                        f"(and range) of the step-by-step speed ratios; raw numbers: `results/{name}.json`.")
+    return text
 
 
 if __name__ == "__main__":

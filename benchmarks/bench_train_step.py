@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from common import interleaved, machine, markdown_table, median, stamp, update_readme, write_results
+from common import RESULTS, interleaved, machine, markdown_table, median, stamp, update_readme, write_results
 
 from lablib.config import ModelConfig, TrainConfig
 from lablib.gpt2 import to_gpt2
@@ -142,6 +142,7 @@ def cuda_step_peak_mb(step: Callable[[], None]) -> float:
 
 
 def measure(size: str, mode: str, batch: int, seq: int, warmup: int, repeats: int, memory: bool) -> dict:
+    load_at_start = os.getloadavg()[0]
     benches = {name: build(name, size, mode, batch, seq) for name in MODELS}
     device = MODES[mode]["device"]
     warmup_s = {}
@@ -155,11 +156,12 @@ def measure(size: str, mode: str, batch: int, seq: int, warmup: int, repeats: in
     times = interleaved({name: b.step for name, b in benches.items()}, repeats, device)
     tokens = batch * seq
     row = {"size": size, "mode": mode, "params": benches["lab"].params, "batch": batch, "seq": seq,
-           "warmup_s": warmup_s, "step_s": times}
+           "threads": torch.get_num_threads(), "repeats": repeats, "load_average": [load_at_start, os.getloadavg()[0]],
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "warmup_s": warmup_s, "step_s": times}
     for name in MODELS:
         row[f"{name}_tok_s"] = tokens / median(times[name])
     row["ratio"] = row["lab_tok_s"] / row["gpt2_tok_s"]
-    row["paired_ratios"] = [g / l for l, g in zip(times["lab"], times["gpt2"])]
+    row["paired_ratios"] = [g / l for l, g in zip(times["lab"], times["gpt2"])]  # lab speed-up, step by step
     if device == "cuda":
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
@@ -181,12 +183,14 @@ def table_rows(rows: list[dict]) -> list[dict]:
     for r in rows:
         line = {"size": f"{r['size']} ({r['params'] / 1e6:.1f}M)", "mode": r["mode"],
                 "lab tok/s": f"{r['lab_tok_s']:,.0f}", "gpt2 tok/s": f"{r['gpt2_tok_s']:,.0f}",
-                "lab / gpt2": f"{r['ratio']:.2f}x"}
+                "lab / gpt2": f"{r['ratio']:.2f}x", "paired": f"{median(r['paired_ratios']):.2f}x"}
         if "lab_mem_mb" in r:
             line["memory lab / gpt2 (MB)"] = f"{r['lab_mem_mb']:,.0f} / {r['gpt2_mem_mb']:,.0f}"
         if "lab_mfu" in r:
             line["MFU lab / gpt2"] = f"{r['lab_mfu']:.1%} / {r['gpt2_mfu']:.1%}"
         line["warm-up s lab / gpt2"] = f"{r['warmup_s']['lab']:.0f} / {r['warmup_s']['gpt2']:.0f}"
+        if "load_average" in r:
+            line["load avg"] = f"{r['load_average'][0]:.0f}-{r['load_average'][1]:.0f}"
         out.append(line)
     return out
 
@@ -203,7 +207,12 @@ def main() -> None:
                         help="torch threads (default: torch's, one per core); 1 is steadier on a busy shared machine")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--name", default="train_step", help="results/<name>.json and the README section")
+    parser.add_argument("--merge", action="store_true", help="keep the earlier rows of other sizes / modes")
+    parser.add_argument("--report", action="store_true", help="only rewrite the README section from the results")
     args = parser.parse_args()
+    if args.report:
+        print(report(args.name))
+        return
     modes = args.modes.split(",") if args.modes else (
         ["cpu-eager", "cpu-compiled"] + (["cuda-bf16-compiled"] if torch.cuda.is_available() else []))
     unknown = [m for m in modes if m not in MODES] + [s for s in args.sizes.split(",") if s not in SIZES]
@@ -220,12 +229,25 @@ def main() -> None:
             print(json.dumps({k: v for k, v in row.items() if k not in ("step_s", "paired_ratios")}, default=str),
                   flush=True)
     info["load_average_at_end"] = os.getloadavg()
-    path = write_results(args.name, {"machine": info, "args": vars(args), "rows": rows})
-    columns = list(dict.fromkeys(c for r in table_rows(rows) for c in r))
-    table = markdown_table(table_rows(rows), columns)
-    update_readme(args.name, f"{table}\n\n{stamp(info)} {torch.get_num_threads()} torch thread(s), batch {args.batch} x seq {args.seq}, "
-                             f"median of {args.repeats} alternating steps; raw numbers: `{path.relative_to(path.parents[1])}`.")
-    print(table)
+    if args.merge and (RESULTS / f"{args.name}.json").is_file():  # keep earlier rows of other sizes / modes
+        done = {(r["size"], r["mode"]) for r in rows}
+        earlier = json.loads((RESULTS / f"{args.name}.json").read_text())["rows"]
+        rows = [r for r in earlier if (r["size"], r["mode"]) not in done] + rows
+    write_results(args.name, {"machine": info, "args": vars(args), "rows": rows})
+    print(report(args.name))
+
+
+def report(name: str) -> str:
+    """Rewrite the README section of results/<name>.json; returns the table."""
+    data = json.loads((RESULTS / f"{name}.json").read_text())
+    rows = table_rows(data["rows"])
+    table = markdown_table(rows, list(dict.fromkeys(c for r in rows for c in r)))
+    first = data["rows"][0]
+    update_readme(name, f"{table}\n\n{stamp(data['machine'], data['date'])} {first.get('threads', '?')} torch thread(s), "
+                        f"batch {first['batch']} x seq {first['seq']}; tok/s are medians of alternating steps, "
+                        "'paired' is the median of the step-by-step speed ratios; 'load avg' is the machine's "
+                        f"1-minute load average before and after the row (2 cores); raw numbers: `results/{name}.json`.")
+    return table
 
 
 if __name__ == "__main__":

@@ -116,6 +116,7 @@ def update_readme(name: str, markdown: str) -> None:
     README.write_text(text)
 
 
-def stamp(info: dict) -> str:
-    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"_Measured {date} on {machine_line(info)}._"
+def stamp(info: dict, date: str | None = None) -> str:
+    """'Measured <date> on <machine>.' (date: an ISO timestamp from a results file; default now)."""
+    when = dt.datetime.fromisoformat(date) if date else dt.datetime.now(dt.timezone.utc)
+    return f"_Measured {when.strftime('%Y-%m-%d %H:%M UTC')} on {machine_line(info)}._"

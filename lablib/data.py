@@ -16,6 +16,7 @@ Notable here:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import os
@@ -239,6 +240,13 @@ def pack(ds, block_len: int) -> torch.Tensor:
     return torch.from_numpy(flat[: n * block_len].reshape(n, block_len).copy())
 
 
+@functools.lru_cache(maxsize=4)
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of n blocks in `epoch`; cached, because drawing it costs O(n) and a batch reads O(batch_size) of it
+    (uncached, 10^6 blocks cost 240 ms per micro-batch: benchmarks/README.md, data pipeline)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
 @dataclass
 class TokenBlocks:
     """Fixed-length blocks of token ids with a reproducible order.
@@ -262,7 +270,7 @@ class TokenBlocks:
         rows = []
         while len(rows) < batch_size:
             epoch, offset = divmod(start + len(rows), n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+            perm = epoch_permutation(n, seed, epoch)
             take = min(batch_size - len(rows), n - offset)
             rows.extend(perm[offset: offset + take].tolist())
         return {"tokens": self.blocks[rows]}

@@ -11,9 +11,10 @@ Notable here:
 - Frozen-embedding evaluations: text->code retrieval (MRR, recall@k; mean-pooled,
   centred, cosine) and a scikit-learn logistic-regression probe predicting a
   function's stdlib package, repeated over probe seeds (its spread is the probe's
-  stability). Two poolings: 'first_last' (input and top layer; the headline) and
-  'top' (top layer only; reported with a `_top` suffix). `heldout_next_token_loss`
-  for models that predict the next token.
+  stability). Two poolings, 'first_last' (input and top layer; the headline) and
+  'top' (`_top`), and two similarities, BERT-whitened cosine (the headline) and
+  mean-centred cosine (`_centred`). `heldout_next_token_loss` for models that predict
+  the next token. `reevaluate_run` re-scores a finished run from its checkpoint.
 - `ObjectivesRunConfig` and `run_objective(cfg, run)`: one (architecture, objective,
   seed) run at a fixed budget of training tokens; training FLOPs are counted by
   torch's `FlopCounterMode` on real micro-batches (SDPA's CPU kernel included), and
@@ -148,15 +149,30 @@ def embed(model, ids: torch.Tensor, pad_id: int, mask: str, pooling: str = "firs
 POOLINGS = {"top": False, "first_last": True}  # pooling name -> whether the input layer is pooled too
 
 
-def _centred_unit(x: np.ndarray) -> np.ndarray:
+def _centred_unit(x: np.ndarray, fit: np.ndarray) -> np.ndarray:
     """Subtract the pool's mean (LM embeddings share a large common direction), then L2-normalise."""
-    x = x - x.mean(0, keepdims=True)
+    x = x - fit.mean(0, keepdims=True)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def retrieval_scores(query_emb: np.ndarray, target_emb: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    """Query i's match is target i. MRR and recall@k of cosine ranking over the whole pool."""
-    sims = _centred_unit(query_emb) @ _centred_unit(target_emb).T
+def _whitened_unit(x: np.ndarray, fit: np.ndarray) -> np.ndarray:
+    """BERT-whitening (Su et al. 2021): map `fit`'s covariance to the identity, then L2-normalise.
+    Unsupervised (no labels, no pairing); it undoes the anisotropy of trained LM embeddings."""
+    mean = fit.mean(0, keepdims=True)
+    _, singular, vt = np.linalg.svd(fit - mean, full_matrices=False)
+    return _centred_unit((x - mean) @ (vt.T / (singular / np.sqrt(len(fit)) + 1e-6)), np.zeros((1, len(singular))))
+
+
+SIMILARITY_TRANSFORMS = {"whitened": _whitened_unit, "centred": _centred_unit}  # fitted on the whole pool
+
+
+def retrieval_scores(query_emb: np.ndarray, target_emb: np.ndarray, ks: tuple[int, ...] = (1, 5, 10),
+                     transform: str = "whitened") -> dict[str, float]:
+    """Query i's match is target i. MRR and recall@k of cosine ranking over the whole pool, after
+    `transform` ('whitened' or 'centred') fitted on all query and target embeddings together."""
+    pool = np.concatenate([query_emb, target_emb])
+    prepare = SIMILARITY_TRANSFORMS[transform]
+    sims = prepare(query_emb, pool) @ prepare(target_emb, pool).T
     true = np.diag(sims)[:, None]
     ranks = 1 + (sims > true).sum(1)  # ties count in the query's favour
     out = {"mrr": float(np.mean(1.0 / ranks))}
@@ -375,19 +391,51 @@ def make_eval_set(cfg: ObjectivesRunConfig, pairs: list[FunctionPair], tokenizer
 
 
 def evaluate_downstream(model, ev: EvalSet, mask: str, next_token: bool, probe_seeds: int) -> dict[str, Any]:
-    """Retrieval and probe of a frozen model under each pooling (headline: first_last; '_top'
-    suffix: top layer only), and held-out next-token loss where defined."""
+    """Retrieval and probe of a frozen model, and held-out next-token loss where defined.
+
+    Headline names use first-last pooling and whitened cosine; suffixes mark the variants:
+    `_top` (top layer only) and `_centred` (mean-centred cosine instead of whitening).
+    """
     out: dict[str, Any] = {}
     for pooling in POOLINGS:
-        suffix = "" if pooling == "first_last" else f"_{pooling}"
+        pool_suffix = "" if pooling == "first_last" else f"_{pooling}"
         docs, code, probe_code = (embed(model, ids, ev.pad_id, mask, pooling)
                                   for ids in (ev.doc_ids, ev.code_ids, ev.probe_ids))
-        out.update({f"retrieval_{k}{suffix}": v for k, v in retrieval_scores(docs, code).items()})
+        for transform in SIMILARITY_TRANSFORMS:
+            suffix = pool_suffix + ("" if transform == "whitened" else f"_{transform}")
+            out.update({f"retrieval_{k}{suffix}": v for k, v in retrieval_scores(docs, code, transform=transform).items()})
         probe = probe_scores(probe_code, ev.probe_labels, probe_seeds)
-        out.update({f"probe_accuracy{suffix}": probe["accuracy"], f"probe_accuracy_std{suffix}": probe["accuracy_std"]})
+        out.update({f"probe_accuracy{pool_suffix}": probe["accuracy"],
+                    f"probe_accuracy_std{pool_suffix}": probe["accuracy_std"]})
         out["probe_majority"] = probe["majority"]
     out["heldout_loss"] = heldout_next_token_loss(model, ev.lm_batches) if next_token else None
     return out
+
+
+def margins(final: dict[str, Any], init: dict[str, Any]) -> dict[str, float]:
+    """Trained minus untrained initialisation for every retrieval MRR and probe accuracy."""
+    names = [k for k in final if k.startswith(("retrieval_mrr", "probe_accuracy")) and "_std" not in k]
+    return {k.replace("retrieval_mrr", "retrieval_mrr_margin").replace("probe_accuracy", "probe_accuracy_margin"):
+            final[k] - init[k] for k in names}
+
+
+def reevaluate_run(path) -> dict[str, Any]:
+    """Score a finished run again with the current evaluation (from its final checkpoint and its
+    seed's initialisation) without retraining; training numbers in results.json are kept."""
+    from lablib.runs import open_run
+
+    run = open_run(path)
+    cfg = ObjectivesRunConfig.from_dict(run.params)
+    model, tok = run.load_model()
+    data, _ = prepare_pretraining_data(cfg, tok)
+    ev = make_eval_set(cfg, function_pairs(evaluation_documents(cfg.eval_fraction, cfg.split_seed)), tok,
+                       data.val.eval_batches(cfg.eval_batches, cfg.batch_size))
+    mask, next_token = cfg.embedding_mask(), cfg.predicts_next_token()
+    init = evaluate_downstream(build_model(cfg, tok.vocab_size + cfg.n_sentinels), ev, mask, next_token, cfg.probe_seeds)
+    final = evaluate_downstream(model, ev, mask, next_token, cfg.probe_seeds)
+    results = {**run.results, **final, **{f"init_{k}": v for k, v in init.items()}, **margins(final, init)}
+    run.write_results(results)
+    return results
 
 
 def run_objective(cfg: ObjectivesRunConfig, run, *, progress: bool = True) -> dict[str, Any]:
@@ -436,10 +484,7 @@ def run_objective(cfg: ObjectivesRunConfig, run, *, progress: bool = True) -> di
         "retrieval_pool": len(ev.doc_ids), "probe_examples": len(ev.probe_labels),
         "probe_classes": ",".join(ev.probe_classes),
         **final, **{f"init_{k}": v for k, v in init.items()},
-        "retrieval_mrr_margin": final["retrieval_mrr"] - init["retrieval_mrr"],
-        "probe_accuracy_margin": final["probe_accuracy"] - init["probe_accuracy"],
-        "retrieval_mrr_margin_top": final["retrieval_mrr_top"] - init["retrieval_mrr_top"],
-        "probe_accuracy_margin_top": final["probe_accuracy_top"] - init["probe_accuracy_top"],
+        **margins(final, init),
         "hardware": policy_record(policy)["device"],
     }
     if run is not None:

@@ -12,6 +12,8 @@ Notable here:
 - `probe_callback` scores every probe of every injected fact (memorization, semantic,
   compositional) and logs their mean log-probabilities into metrics.jsonl through
   `train`'s callbacks, so each fact's spike and decay is a curve in the run.
+- Control people are probed but never injected; `drift_corrected` subtracts their mean
+  curve, removing the shift that continued background learning gives every probe.
 - Measures from the paper: effectivity (the gain from before an exposure to the local
   acquisition maximum after it) and retainability (the fraction of that gain still held
   t steps later), and `fit_power_law`: R(t) = a * t^(-b) by `scipy.optimize.curve_fit`,
@@ -37,6 +39,7 @@ from lablib.tasks.facts import (N_TRAIN_TEMPLATES, PROBE_KINDS, Probe, World, ba
 from lablib.train import TrainResult, train
 
 SCENARIOS = ("once", "duplicated", "paraphrased")
+CONTROL = "control"  # new people who are probed but never injected: the drift every probe shares
 
 
 @dataclass
@@ -49,7 +52,7 @@ class KnowledgeConfig(ModelConfig, TrainConfig):
     exposure_gap: int = knob(40, "steps between two exposures of the same fact", min=1)
     probe_every: int = knob(1, "steps between probe evaluations", min=1)
     lam_window: int = knob(10, "steps after an exposure searched for the local acquisition maximum", min=1)
-    batch_sizes: list[int] = knob([16, 64], "one training run per batch size (the paper's batch-size comparison)")
+    batch_sizes: list[int] = knob([8, 32], "one training run per batch size (the paper's batch-size comparison)")
 
     presets: ClassVar[dict] = {
         "smoke": dict(n_background=20, facts_per_scenario=2, renders_per_person=2, injection_step=10, exposures=2,
@@ -57,7 +60,7 @@ class KnowledgeConfig(ModelConfig, TrainConfig):
                       batch_sizes=[8, 16], warmup_steps=5, lam_window=3, log_every=10, checkpoint_every=20, num_threads=1),
         "cpu": dict(n_background=200, facts_per_scenario=8, renders_per_person=10, injection_step=300, exposures=5,
                     exposure_gap=40, steps=800, n_layer=4, n_head=4, d_model=128, seq_len=64, max_seq_len=64,
-                    batch_sizes=[16, 64], learning_rate=1e-3, warmup_steps=50, schedule="constant",
+                    batch_sizes=[8, 32], learning_rate=2e-3, warmup_steps=50, schedule="constant",
                     weight_decay=0.1, log_every=10, checkpoint_every=100,
                     num_threads=1),  # a model this small runs fastest on one thread, above all on a busy machine
         "gpu": dict(n_background=2000, facts_per_scenario=32, renders_per_person=20, injection_step=2000, exposures=10,
@@ -169,6 +172,17 @@ def probe_curves(metrics: pd.DataFrame) -> pd.DataFrame:
     return long.drop(columns="key").sort_values(["fact", "kind", "step"]).reset_index(drop=True)
 
 
+def drift_corrected(curves: pd.DataFrame) -> pd.DataFrame:
+    """The injected facts' curves minus the mean control curve of the same probe kind at each step.
+
+    A small model keeps learning the background while the facts decay, which moves every probe's
+    log-probability (the answers' prior shifts); the never-injected control people measure that shift.
+    """
+    control = curves[curves["scenario"] == CONTROL].groupby(["step", "kind"])["logprob"].mean().rename("control")
+    out = curves[curves["scenario"] != CONTROL].join(control, on=["step", "kind"])
+    return out.assign(logprob=out["logprob"] - out["control"]).drop(columns="control")
+
+
 # --- measures -------------------------------------------------------------------------------------
 
 def acquisition(steps: np.ndarray, logprob: np.ndarray, exposure_step: int, window: int,
@@ -276,7 +290,7 @@ class KnowledgeSetup:
 
 def build_setup(cfg: KnowledgeConfig) -> KnowledgeSetup:
     """The world, its tokenizer, the packed background text, the schedule and every probe."""
-    world = make_world(cfg.n_background, len(SCENARIOS) * cfg.facts_per_scenario, seed=cfg.seed)
+    world = make_world(cfg.n_background, (len(SCENARIOS) + 1) * cfg.facts_per_scenario, seed=cfg.seed)
     tokenizer = word_tokenizer(world_texts(world))
     docs = background_documents(world, cfg.renders_per_person, seed=cfg.seed)
     flat = [i for ids in tokenizer.encode_batch(docs) for i in ids + [tokenizer.eos_id]]
@@ -287,7 +301,7 @@ def build_setup(cfg: KnowledgeConfig) -> KnowledgeSetup:
     background = TokenBlocks(torch.tensor(flat[: n_rows * (cfg.seq_len + 1)]).view(n_rows, cfg.seq_len + 1))
     schedule = injection_schedule(SCENARIOS, cfg.facts_per_scenario, cfg.injection_step, cfg.exposures, cfg.exposure_gap)
     people = iter(world.new)
-    facts = {f"{s}/{i}": next(people) for i in range(cfg.facts_per_scenario) for s in SCENARIOS}
+    facts = {f"{s}/{i}": next(people) for i in range(cfg.facts_per_scenario) for s in (*SCENARIOS, CONTROL)}
     probes = {fact: probes_for(person, world, injected_template=0) for fact, person in facts.items()}
     fact_ids = {(inj.fact, inj.template): tokenizer.encode(biography(facts[inj.fact], inj.template)) for inj in schedule}
     return KnowledgeSetup(world, tokenizer, background, schedule, facts, probes, fact_ids)

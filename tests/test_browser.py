@@ -140,20 +140,33 @@ def page(lab, tmp_path):
                                     args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
         try:
             pg = browser.new_page(viewport={"width": 1400, "height": 1000})
-            pg.set_default_timeout(120_000)
+            pg.set_default_timeout(60_000)
             yield pg
+            pg.screenshot(path=str(tmp_path / "last-view.png"))  # for a failure's post-mortem
         finally:
             browser.close()
 
 
-def open_and_run(page, lab, name: str) -> None:
+def open_and_run(page, lab, name: str, screenshots: Path) -> None:
     url, token, _ = lab
     page.goto(f"{url}/lab/tree/{name}?token={token}")
-    page.wait_for_selector(".jp-Notebook .jp-Cell")
-    page.get_by_text("Kernel status: Idle").first.wait_for(state="attached")  # the notebook's kernel is up
-    page.get_by_role("menuitem", name="Run", exact=True).click()
-    page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
-    page.wait_for_selector(".lablib-explorer .lablib-step")
+    try:
+        page.wait_for_selector(".jp-Notebook .jp-Cell")
+        page.get_by_text("Kernel status: Idle").first.wait_for(state="attached")
+        time.sleep(3)  # let the widget manager finish connecting to the new kernel ("model not found" otherwise)
+        for _ in range(5):  # a click that lands before the kernel's session is connected runs nothing: retry
+            page.get_by_role("menuitem", name="Run", exact=True).click()
+            page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+            try:
+                page.wait_for_function("() => [...document.querySelectorAll('.jp-InputPrompt')]"
+                                       ".some(p => /\\[(\\*|\\d+)\\]/.test(p.textContent))", timeout=10_000)
+                break
+            except Exception:
+                continue
+        page.wait_for_selector(".lablib-explorer .lablib-step")
+    except Exception:
+        page.screenshot(path=str(screenshots / f"{name}-failed.png"))
+        raise
 
 
 def step_text(page) -> str:
@@ -180,7 +193,7 @@ def test_explorer_in_jupyterlab_follows_slider_and_prompt(lab, page, tmp_path):
              TRAIN_TINY_RUN + "run = train_tiny_run('runs/tiny', steps=8, checkpoint_every=4)",
              "from widgets.explorer import CheckpointExplorer\n"
              "explorer = CheckpointExplorer(run.path, prompt='def add(a, b):', poll_interval=0.5)\nexplorer")
-    open_and_run(page, lab, "explore.ipynb")
+    open_and_run(page, lab, "explore.ipynb", tmp_path)
     wait_for(lambda: "step 8" in step_text(page), 60, "the explorer to open on step 8")
     page.wait_for_function("() => document.querySelector('.lablib-attention .js-plotly-plot')?.data?.[0]?.z")
     attention_before, lens_before = heatmap(page, "lablib-attention"), heatmap(page, "lablib-lens")
@@ -213,7 +226,7 @@ def test_checkpoints_of_a_run_training_in_another_process_reach_the_slider(lab, 
         wait_for(lambda: (run_dir / "model.json").is_file(), 60, "the training process to create its run folder")
         notebook(root / "live.ipynb", "from widgets.explorer import CheckpointExplorer\n"
                                       f"CheckpointExplorer({str(run_dir)!r}, prompt='x = 0', poll_interval=0.5)")
-        open_and_run(page, lab, "live.ipynb")
+        open_and_run(page, lab, "live.ipynb", tmp_path)
         from lablib.checkpoints import list_checkpoints
 
         # for each checkpoint written after the page showed up: when it appeared on disk, when in the slider

@@ -60,6 +60,7 @@ def test_node_names_are_distinct_one_to_three_alphanumerics():
     for graph in random_graphs(500, seed=3):
         assert len(set(graph.names)) == graph.n_nodes
         assert all(re.fullmatch(r"[A-Za-z0-9]{1,3}", name) for name in graph.names)
+        assert not {"Yes", "No"} & set(graph.names)  # an answer word as a name would read ambiguously
 
 
 def test_text_interface_reads_premises_then_question():
@@ -121,26 +122,35 @@ def test_training_batches_are_reproducible_balanced_and_padded():
     assert all(t.endswith(("? Yes", "? No")) for t in texts)
 
 
-def test_tokenizer_covers_the_alphabet_without_unknowns():
-    tok = task_tokenizer()
+def test_char_tokenizer_covers_the_alphabet_without_unknowns():
+    tok = task_tokenizer("char")
     assert tok.unk_id not in tok.encode(ALPHABET)
     assert tok.decode(tok.encode("a1 causes Zq. Does a1 cause Zq? Yes")) == "a1 causes Zq. Does a1 cause Zq? Yes"
 
 
-def test_answer_agrees_with_the_training_loss():
-    cfg = small_config()
-    tok = task_tokenizer()
+def test_paper_tokenizer_keeps_keywords_whole_and_spells_names():
+    tok = task_tokenizer("paper")
+    ids = tok.encode("a1 causes Zq. Does a1 cause Zq? Yes")
+    assert tok.token_strings(ids) == ["a", "1", "causes", "Z", "q", ".", "Does", "a", "1", "cause", "Z", "q", "?", "Yes"]
+    assert tok.unk_id not in tok.encode(" ".join(ALPHABET))
+
+
+@pytest.mark.parametrize("kind", ["char", "paper"])
+def test_answer_agrees_with_the_training_loss(kind):
+    cfg = small_config(tokenizer=kind)
+    tok = task_tokenizer(kind)
     model = build_model(cfg, tok).eval()
     graph = linear_chain(np.random.default_rng(8), 4, flip_prob=0.5)
     a, b = graph.names[0], graph.names[3]
     prompt = question_prompt(graph.premises(), a, b)
     lp_yes, lp_no = (float(x[0]) for x in answer_log_probs(model, tok, [prompt]))
     for word, lp in (("Yes", lp_yes), ("No", lp_no)):
-        encoded = encode_examples(tok, [prompt + word], [len(word)], cfg.seq_len + 1)  # padded as in training
+        n_answer = len(tok.encode(word))
+        encoded = encode_examples(tok, [prompt + word], [n_answer], cfg.seq_len + 1)  # padded as in training
         with torch.no_grad():
             loss, metrics = AnswerLoss()(model, encoded, torch.Generator())
-        assert metrics["tokens_scored"] == len(word)
-        assert math.isclose(float(loss) * len(word), -lp, rel_tol=1e-5)
+        assert metrics["tokens_scored"] == n_answer
+        assert math.isclose(float(loss) * n_answer, -lp, rel_tol=1e-5)
     assert math.isclose(answer(model, tok, graph.premises(), a, b), 1 / (1 + math.exp(lp_no - lp_yes)), rel_tol=1e-6)
 
 

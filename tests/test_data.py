@@ -80,3 +80,15 @@ def test_prepare_lm_data_end_to_end():
     data = prepare_lm_data("stdlib", "char", seq_len=32, max_chars=100_000)
     assert data.train.blocks.shape[1] == 33 and len(data.val) > 0
     assert data.summary()["vocab_size"] == data.tokenizer.vocab_size
+
+
+def test_datasets_names_load_through_the_hub_code_path_from_a_local_dataset(tmp_path):
+    import json
+
+    folder = tmp_path / "my_corpus"
+    folder.mkdir()
+    with open(folder / "train.jsonl", "w") as f:
+        for i in range(4):
+            f.write(json.dumps({"text": f"row {i} " * 10, "label": i}) + "\n")
+    ds = load_corpus(f"hf:{folder}")  # the same call a hub name takes: datasets.load_dataset(NAME)
+    assert ds.column_names == ["text", "source"] and len(ds) == 4

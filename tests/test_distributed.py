@@ -10,9 +10,8 @@ all-reduce sums per-rank halves; one process accumulates them in sequence), so
 they can differ by float32 rounding, ~1e-7 relative per step (measured here: no
 difference at all); AdamW's update divides by sqrt(v), which can amplify a
 rounding difference in a near-zero gradient, so over 8 steps we allow 1e-4 on
-losses around 3.4. A real mistake (a
-rank reading the other rank's rows, or gradients summed instead of averaged)
-moves the loss curve by more than 1e-2 within a few steps.
+losses around 3.4. That still catches a wrong global batch at step 1: different
+batches of this data give the initial model losses 1e-3 to 2.5e-2 apart.
 """
 
 import json
@@ -47,7 +46,7 @@ def counting_blocks(n_blocks: int = 64) -> TokenBlocks:
 
 
 def train_tiny(dist=None, run_dir: str = "", **overrides) -> dict:
-    """The training function of the test: tiny causal LM, logging every step; returns rank 0's metrics."""
+    """The training function of the test: a tiny causal LM logging every step into run_dir."""
     from lablib.runs import start_run
 
     cfg = tiny_config(**overrides)

@@ -150,3 +150,11 @@ def test_run_config_picks_the_embedding_read_that_the_objective_trained():
     assert ObjectivesRunConfig.resolve("smoke", objective="mlm").embedding_mask() == "bidirectional"
     assert ObjectivesRunConfig.resolve("smoke", objective="biphasic").embedding_mask() == "bidirectional"
     assert not ObjectivesRunConfig.resolve("smoke", objective="mlm").predicts_next_token()
+
+
+def test_whitened_retrieval_does_not_depend_on_a_linear_change_of_basis():
+    rng = np.random.default_rng(0)
+    queries, targets = rng.normal(size=(30, 6)), rng.normal(size=(30, 6))
+    basis = rng.normal(size=(6, 6))
+    assert math.isclose(retrieval_scores(queries, targets)["mrr"], retrieval_scores(queries @ basis, targets @ basis)["mrr"],
+                        rel_tol=1e-9)

@@ -112,3 +112,16 @@ def test_power_law_fit_of_an_exact_curve_has_r2_of_one():
 def test_a_schedule_that_runs_past_the_end_of_training_is_refused():
     with pytest.raises(ConfigError, match="steps"):
         KnowledgeConfig.resolve("smoke", steps=15)
+
+
+def test_drift_correction_subtracts_the_control_curve_of_the_same_kind():
+    import pandas as pd
+
+    from lablib.knowledge import drift_corrected
+
+    curves = pd.DataFrame({"step": [0, 1, 0, 1, 0, 1], "scenario": ["once"] * 2 + ["control"] * 4,
+                           "fact": ["once/0"] * 2 + ["control/0"] * 2 + ["control/1"] * 2,
+                           "kind": ["semantic"] * 6, "logprob": [-5.0, -3.0, -4.0, -5.0, -6.0, -5.0]})
+    out = drift_corrected(curves)
+    assert out["fact"].tolist() == ["once/0", "once/0"]
+    assert out["logprob"].tolist() == [0.0, 2.0]

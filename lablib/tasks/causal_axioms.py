@@ -6,10 +6,12 @@ Notable here:
   `"<premises> Does <A> cause <B>? "` and the answer is the continuation `Yes` or `No`.
   `answer(model, tokenizer, premises, a, b)` returns P(Yes) =
   exp(log p(Yes)) / (exp(log p(Yes)) + exp(log p(No))), where each log p sums the
-  continuation's character log-probabilities. Training puts the loss on the answer
-  characters only (`AnswerLoss`). Tokenization is character-level over `ALPHABET`.
+  continuation's token log-probabilities. Training puts the loss on the answer tokens
+  only (`AnswerLoss`). Tokenization is character-level over `ALPHABET` by default;
+  `tokenizer="paper"` is the paper's scheme (keywords whole, names by character, no
+  spaces), which makes every sequence ~2.5x shorter.
 - Format as in the paper's repository (github.com/AniketVashishtha/Causal_Axioms): node
-  names are random 1-3 character alphanumeric strings; the label is `Yes` exactly when a
+  names are random 1-3 character alphanumeric strings (never `Yes` / `No`); the label is `Yes` exactly when a
   directed path leads from A to B (transitive closure, checked against networkx in tests).
 - Training data (the paper's "linear chains with noisy variations"): chains of 3-6 nodes
   whose edges each point backwards with probability `flip_prob` and whose statements are
@@ -44,13 +46,14 @@ import numpy as np
 import torch
 
 from lablib.config import ConfigError, ModelConfig, TrainConfig, knob
-from lablib.data import Tokenizer, char_tokenizer
+from lablib.data import SPECIAL_TOKENS, Tokenizer, char_tokenizer
 from lablib.models import Transformer
 from lablib.objectives import IGNORE, token_cross_entropy
 
 NAME_CHARS = string.ascii_letters + string.digits
 ALPHABET = NAME_CHARS + " .?"  # every character the task's text can hold
 ANSWERS = {True: "Yes", False: "No"}
+KEYWORDS = ("causes", "cause", "Does", "Yes", "No")  # single tokens under the paper's tokenizer
 EVAL_SHARE = 8  # one graph in 8 (by key hash) is reserved for evaluation
 LONGEST_NAME = 3
 
@@ -97,12 +100,12 @@ def is_evaluation_graph(graph: CausalGraph) -> bool:
 
 
 def random_names(rng: np.random.Generator, n: int) -> tuple[str, ...]:
-    """n distinct names of 1-3 alphanumeric characters (all drawn at once; redrawn on a clash)."""
+    """n distinct names of 1-3 alphanumeric characters, none of them Yes / No (redrawn on a clash)."""
     while True:
         lengths = rng.integers(1, LONGEST_NAME + 1, n)
         chars = rng.integers(0, len(NAME_CHARS), (n, LONGEST_NAME))
         names = tuple("".join(NAME_CHARS[c] for c in row[:k]) for row, k in zip(chars.tolist(), lengths.tolist()))
-        if len(set(names)) == n:
+        if len(set(names)) == n and not set(names) & set(ANSWERS.values()):
             return names
 
 
@@ -179,17 +182,12 @@ def balanced_labels(rng: np.random.Generator, n: int) -> np.ndarray:
 
 # --- config --------------------------------------------------------------------------------
 
-def longest_text(n_edges: int) -> int:
-    """Characters of the longest prompt + answer with n_edges statements (3-character names)."""
-    statement = len(f"{'x' * LONGEST_NAME} causes {'x' * LONGEST_NAME}.")
-    question = len(question_prompt("", "x" * LONGEST_NAME, "x" * LONGEST_NAME))
-    return n_edges * (statement + 1) - 1 + question + max(len(a) for a in ANSWERS.values())
-
-
 @dataclass
 class CausalAxiomsConfig(ModelConfig, TrainConfig):
     """One transformer trained on transitivity demonstrations and scored on the evaluation sets."""
 
+    tokenizer: Literal["char", "paper"] = knob("char", "char: one token per character; paper: keywords as single "
+                                               "tokens, names by character, no spaces (the paper's scheme)")
     train_min_nodes: int = knob(3, "fewest nodes in a training chain", min=2)
     train_max_nodes: int = knob(6, "most nodes in a training chain", min=2)
     flip_prob: float = knob(0.5, "chance that an edge of a training (and `chain` eval) chain points backwards",
@@ -204,8 +202,10 @@ class CausalAxiomsConfig(ModelConfig, TrainConfig):
     eval_seed: int = knob(2024, "seed of the evaluation sets (the same for every run)", min=0)
     eval_batch_size: int = knob(128, "questions per forward pass when evaluating", min=1)
     accuracy_every: int = knob(200, "steps between in-distribution accuracy checks while training", min=1)
-    seq_len: int = knob(104, "training sequences are padded to seq_len + 1 tokens (longest 6-node chain + answer)", min=2)
-    max_seq_len: int = knob(416, "longest sequence the model accepts: a 12-node graph with 24 statements + answer", min=1)
+    seq_len: int = knob(104, "training sequences are padded to seq_len + 1 tokens (char: the longest 6-node chain "
+                        "+ answer)", min=2)
+    max_seq_len: int = knob(416, "longest sequence the model accepts (char: a 12-node graph with 24 statements "
+                            "+ answer)", min=1)
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # seconds: plumbing only
@@ -237,11 +237,12 @@ class CausalAxiomsConfig(ModelConfig, TrainConfig):
         bad_factors = [f for f in self.branching_factors if f <= 0]
         if bad_factors:
             raise ConfigError(f"parameter 'branching_factors': expected positive numbers, got {self.branching_factors}")
-        need_train = longest_text(self.train_max_nodes - 1)
+        tokenizer = task_tokenizer(self.tokenizer)
+        need_train = longest_tokens(tokenizer, self.train_max_nodes - 1)
         if self.seq_len + 1 < need_train:
             raise ConfigError(f"parameter 'seq_len': expected at least {need_train - 1} (the longest "
                               f"{self.train_max_nodes}-node chain and its answer), got {self.seq_len}")
-        need_eval = max(need_train, *(longest_text(n_edges) for n_edges in evaluation_edge_counts(self)))
+        need_eval = max(need_train, *(longest_tokens(tokenizer, n_edges) for n_edges in evaluation_edge_counts(self)))
         if self.max_seq_len < need_eval:
             raise ConfigError(f"parameter 'max_seq_len': expected at least {need_eval} (the longest evaluation "
                               f"question), got {self.max_seq_len}")
@@ -285,9 +286,39 @@ def evaluation_edge_counts(cfg: CausalAxiomsConfig) -> list[int]:
 
 # --- data ------------------------------------------------------------------------------------
 
-def task_tokenizer() -> Tokenizer:
-    """One token per character of ALPHABET, plus the lab's special tokens."""
-    return char_tokenizer([ALPHABET])
+def paper_tokenizer() -> Tokenizer:
+    """The paper's scheme: the keywords are single tokens, names go character by character, '.' and
+    '?' are tokens of their own and spaces are dropped (so the text is ~2.5x shorter than with chars)."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for tok in (*KEYWORDS, *NAME_CHARS, ".", "?"):
+        vocab.setdefault(tok, len(vocab))
+    backend = Backend(models.WordLevel(vocab, unk_token="<unk>"))
+    whole_keyword = "^(?:" + "|".join(KEYWORDS) + ")$"  # a word that is exactly a keyword; else one token per char
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(
+        Regex(whole_keyword + r"|[\s\S]"), behavior="isolated")])
+    backend.decoder = decoders.WordPiece()
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    return Tokenizer(backend)
+
+
+TOKENIZERS: dict[str, Callable[[], Tokenizer]] = {
+    "char": lambda: char_tokenizer([ALPHABET]),  # one token per character of ALPHABET
+    "paper": paper_tokenizer,
+}
+
+
+def task_tokenizer(kind: str = "char") -> Tokenizer:
+    return TOKENIZERS[kind]()
+
+
+def longest_tokens(tokenizer: Tokenizer, n_edges: int) -> int:
+    """Tokens of the longest prompt + answer with n_edges statements (all names 3 characters long)."""
+    name = "x" * LONGEST_NAME
+    premises = " ".join([f"{name} causes {name}."] * n_edges)
+    return max(len(tokenizer.encode(question_prompt(premises, name, name) + word)) for word in ANSWERS.values())
 
 
 def training_chain(rng: np.random.Generator, cfg: CausalAxiomsConfig, n_nodes: int, evaluation: bool) -> CausalGraph:
@@ -320,7 +351,8 @@ def encode_examples(tokenizer: Tokenizer, texts: list[str], answer_lengths: list
 
 
 def encode_answered(tokenizer: Tokenizer, examples: list[Example], length: int | None = None) -> dict[str, torch.Tensor]:
-    return encode_examples(tokenizer, [e.prompt + e.answer for e in examples], [len(e.answer) for e in examples], length)
+    return encode_examples(tokenizer, [e.prompt + e.answer for e in examples],
+                           [len(tokenizer.encode(e.answer)) for e in examples], length)
 
 
 @dataclass
@@ -396,7 +428,8 @@ def answer_log_probs(model: Transformer, tokenizer: Tokenizer, prompts: list[str
     for start in range(0, len(prompts), batch_size):
         rows = order[start:start + batch_size]
         for label, word in ANSWERS.items():
-            batch = encode_examples(tokenizer, [prompts[i] + word for i in rows], [len(word)] * len(rows))
+            batch = encode_examples(tokenizer, [prompts[i] + word for i in rows],
+                                    [len(tokenizer.encode(word))] * len(rows))
             tokens, answer = batch["tokens"].to(device), batch["answer_mask"].to(device)
             logp = torch.log_softmax(model(tokens[:, :-1], mask="causal").float(), dim=-1)
             picked = logp.gather(-1, tokens[:, 1:, None])[..., 0]
@@ -461,7 +494,7 @@ def train_model(cfg: CausalAxiomsConfig, run=None, *, progress: bool = True):
     """
     from lablib.train import train
 
-    tokenizer = task_tokenizer()
+    tokenizer = task_tokenizer(cfg.tokenizer)
     if run is not None:
         tokenizer.save(run.path / "tokenizer.json")
     model = build_model(cfg, tokenizer)

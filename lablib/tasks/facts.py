@@ -20,7 +20,14 @@ Notable here:
   reversal, chunk-level reversal, random chunk permutation); `ReversalStream` packs
   transformed sentences into reproducible training rows.
 - `name_ranking` scores every entity name as the continuation of a prompt: the
-  target's rank among all names, and greedy exact match.
+  target's rank among all names, and greedy exact match. Names that share a first
+  token share a forward pass (`candidate_logprobs`).
+- `ReversalConfig`, `train_reversal_variant` and `reversal_accuracy` are the reversal
+  experiment (notebook 06): one fresh model per variant, scored forward and reverse.
+- Why a word-level tokenizer and not characters or BPE: the reverse direction is only
+  learnable when a name survives the transform as a unit. With one token per word, a
+  chunk-level transform moves whole names, while a token-level reversal splits every
+  name into its two words in swapped order, the contrast the permutation paper draws.
 """
 
 from __future__ import annotations
@@ -429,7 +436,7 @@ class ReversalConfig(ModelConfig, TrainConfig):
     presets: ClassVar[dict] = {
         "smoke": dict(n_pairs=12, n_both=4, steps=30, n_layer=2, n_head=2, d_model=32, seq_len=32, max_seq_len=32,
                       batch_size=16, warmup_steps=5, log_every=10, checkpoint_every=10, num_threads=1),
-        "cpu": dict(n_pairs=120, n_both=40, steps=1500, n_layer=4, n_head=4, d_model=128, seq_len=32, max_seq_len=32,
+        "cpu": dict(n_pairs=120, n_both=40, steps=600, n_layer=4, n_head=4, d_model=128, seq_len=32, max_seq_len=32,
                     batch_size=32, learning_rate=2e-3, warmup_steps=100, weight_decay=0.1, log_every=50,
                     checkpoint_every=250,
                     num_threads=1),  # a model this small runs fastest on one thread, above all on a busy machine

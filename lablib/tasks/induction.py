@@ -79,7 +79,8 @@ def train_induction(n_future: int, *, seed: int = 0, steps: int = 400, task: Ind
                                                    d_model=d_model, max_seq_len=task.seq_len, n_future=n_future))
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=task.seq_len, learning_rate=learning_rate,
                       warmup_steps=min(20, steps), seed=seed, eval_every=steps, log_every=steps,
-                      checkpoint_every=steps, device="cpu", compile="off")
+                      checkpoint_every=steps, device="cpu", compile="off",
+                      num_threads=1)  # a tiny model: one thread is as fast and never waits on a busy core
     curve: dict[int, float] = {}
 
     def record(step, m):

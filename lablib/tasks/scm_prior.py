@@ -83,7 +83,7 @@ class TabularPrior:
     noise_std: tuple[float, float] = (1e-3, 0.3)  # log-uniform
     weight_std: tuple[float, float] = (0.3, 3.0)  # log-uniform, before the 1/sqrt(fan-in) scaling
     edge_dropout: tuple[float, float] = (0.0, 0.8)  # fraction of absent edges, uniform
-    p_binary: float = 0.5  # probability that a task has two classes; else uniform in [3, max_classes]
+    p_binary: float = 0.3  # probability that a task has two classes; else uniform in [3, max_classes]
 
     def __post_init__(self):
         checks = {
@@ -140,7 +140,7 @@ class TabularPrior:
             layers.append(z)
         return causes, layers
 
-    def _scm_task(self, gen: torch.Generator, B: int, N: int, used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scm_task(self, gen: torch.Generator, B: int, N: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Features and target read off random nodes of a random causal graph (unread nodes stay hidden)."""
         n_causes = _randint(gen, 1, max(2, self.max_features // 2))
         causes, layers = self._graph(gen, B, N, n_causes)
@@ -177,7 +177,7 @@ class TabularPrior:
         many = torch.randint(3, max(3, self.max_classes) + 1, (B,), generator=gen).clamp(max=self.max_classes)
         n_classes = torch.where(torch.rand((B,), generator=gen) < self.p_binary, torch.full_like(many, 2), many)
         used = (torch.arange(self.max_features)[None, None, :] < n_features[:, None, None]).float()  # (B, 1, F)
-        features, target = (self._scm_task if self.kind == "scm" else self._mlp_task)(gen, B, N, used)
+        features, target = self._scm_task(gen, B, N) if self.kind == "scm" else self._mlp_task(gen, B, N, used)
         features = torch.nan_to_num(features, nan=0.0, posinf=0.0, neginf=0.0)
         target = torch.nan_to_num(target, nan=0.0, posinf=0.0, neginf=0.0)
         x = standardize_by_train_rows(features, n_train)

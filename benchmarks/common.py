@@ -61,7 +61,7 @@ def machine_line(info: dict) -> str:
     end = info.get("load_average_at_end", (None,))[0]
     load_text = f"load average {load:.1f} at start" + (f", {end:.1f} at end" if end is not None else "")
     return (f"{info['cpu']} ({info['cores']} cores{gpu}), torch {info['torch']}, "
-            f"{info.get('transformers', 'no')} transformers; {load_text}")
+            f"transformers {info.get('transformers', '(absent)')}; {load_text}")
 
 
 def sync(device: str) -> None:

@@ -25,6 +25,7 @@ Notable here:
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib
 import inspect
 import json
@@ -173,20 +174,21 @@ def launch(target: str, nprocs: int = 2, *, device: str | None = None, **kwargs:
                "-m", "lablib.distributed", target, "--kwargs", json.dumps(kwargs), "--result", str(result_file)]
         if device:
             cmd += ["--device", device]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)),
+        importable = [os.path.abspath(p or os.curdir) for p in sys.path if os.path.isdir(p or os.curdir)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(importable),
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        lines = []
+        last_lines: collections.deque[str] = collections.deque(maxlen=20)  # for the error message
         try:
             for line in proc.stdout:
-                lines.append(line)
+                last_lines.append(line)
                 print(line, end="", flush=True)
             proc.wait()
         finally:
             if proc.poll() is None:
                 proc.kill()
         if proc.returncode != 0:
-            tail = "".join(lines[-20:])
+            tail = "".join(last_lines)
             raise RuntimeError(f"distributed run of {target} on {nprocs} processes failed "
                                f"(exit {proc.returncode}); last output:\n{tail}")
         return json.loads(result_file.read_text()) if result_file.is_file() else None

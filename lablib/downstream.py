@@ -149,27 +149,31 @@ def embed(model, ids: torch.Tensor, pad_id: int, mask: str, pooling: str = "firs
 POOLINGS = {"top": False, "first_last": True}  # pooling name -> whether the input layer is pooled too
 
 
-def _centred_unit(x: np.ndarray, fit: np.ndarray) -> np.ndarray:
-    """Subtract the pool's mean (LM embeddings share a large common direction), then L2-normalise."""
-    x = x - fit.mean(0, keepdims=True)
+def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _whitened_unit(x: np.ndarray, fit: np.ndarray) -> np.ndarray:
-    """BERT-whitening (Su et al. 2021): map `fit`'s covariance to the identity, then L2-normalise.
+def _centred(x: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """Subtract x's own mean (LM embeddings share a large common direction; docstrings and code
+    each have their own), then L2-normalise."""
+    return _unit(x - x.mean(0, keepdims=True))
+
+
+def _whitened(x: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """BERT-whitening (Su et al. 2021): map the pool's covariance to the identity, then L2-normalise.
     Unsupervised (no labels, no pairing); it undoes the anisotropy of trained LM embeddings."""
-    mean = fit.mean(0, keepdims=True)
-    _, singular, vt = np.linalg.svd(fit - mean, full_matrices=False)
-    return _centred_unit((x - mean) @ (vt.T / (singular / np.sqrt(len(fit)) + 1e-6)), np.zeros((1, len(singular))))
+    mean = pool.mean(0, keepdims=True)
+    _, singular, vt = np.linalg.svd(pool - mean, full_matrices=False)
+    return _unit((x - mean) @ (vt.T / (singular / np.sqrt(len(pool)) + 1e-6)))
 
 
-SIMILARITY_TRANSFORMS = {"whitened": _whitened_unit, "centred": _centred_unit}  # fitted on the whole pool
+SIMILARITY_TRANSFORMS = {"whitened": _whitened, "centred": _centred}
 
 
 def retrieval_scores(query_emb: np.ndarray, target_emb: np.ndarray, ks: tuple[int, ...] = (1, 5, 10),
                      transform: str = "whitened") -> dict[str, float]:
     """Query i's match is target i. MRR and recall@k of cosine ranking over the whole pool, after
-    `transform` ('whitened' or 'centred') fitted on all query and target embeddings together."""
+    `transform`: 'whitened' (fitted on all query and target embeddings together) or 'centred'."""
     pool = np.concatenate([query_emb, target_emb])
     prepare = SIMILARITY_TRANSFORMS[transform]
     sims = prepare(query_emb, pool) @ prepare(target_emb, pool).T

@@ -272,7 +272,7 @@ class TabularICLConfig(TabularPFNConfig, TrainConfig):
                     steps=2000, warmup_steps=100, learning_rate=2e-3, log_every=25, eval_every=250, eval_batches=4,
                     checkpoint_every=500,
                     num_threads=1),  # at width 64 a second thread mostly waits (and wastes a shared machine)
-        # closer to TabPFN (12 layers, width 512, 1024 rows, 100 features; trained for ~20 GPU-hours)
+        # closer to TabPFN (12 layers, width 512, 1024 rows, 100 features; about 20 hours on 8 GPUs there)
         "gpu": dict(n_layer=12, n_head=8, d_model=512, max_features=32, max_classes=10, seq_len=1024, batch_size=64,
                     steps=20000, warmup_steps=500, learning_rate=3e-4, log_every=50, eval_every=1000, eval_batches=8,
                     checkpoint_every=2000, n_ensemble=16),

@@ -15,8 +15,9 @@ Notable here:
 - Two single-layer edits, as in Hase et al.: `edit_layer`, a few Adam steps on one
   block's MLP output matrix and nothing else (fine-tuning at one layer), and
   `rank_one_edit`, ROME's rank-one update of that matrix (with an identity key
-  covariance). `edit_scores` says whether the new answer won, and whether other facts
-  kept theirs.
+  covariance) for the key at one position. `EDIT_METHODS` is the table the notebook
+  sweeps; `edit_scores` says whether the new answer won, and whether other facts kept
+  theirs.
 - `ReversalTracingConfig` is notebook 06's config; `trace_pairs`, `edit_sweep` and
   `trace_checkpoints` run the tracing and editing on the reversal experiment's facts.
 """
@@ -241,7 +242,7 @@ class ReversalTracingConfig(ReversalConfig):
     presets: ClassVar[dict] = {
         "smoke": {**ReversalConfig.presets["smoke"], "trace_facts": 2, "trace_samples": 2, "edit_steps": 2,
                   "variants": ["plain", "chunk_reversal"]},
-        "cpu": {**ReversalConfig.presets["cpu"]},
+        "cpu": {**ReversalConfig.presets["cpu"], "edit_steps": 20},
         "gpu": {**ReversalConfig.presets["gpu"], "trace_facts": 50, "trace_window": 3},
     }
 
@@ -282,29 +283,38 @@ def mean_recovery(traces: Sequence[Trace], site: str) -> np.ndarray:
     return np.mean([t.recovery(site) for t in traces], axis=0)
 
 
+# edit method -> (editor, where its key sits: the last subject token, as in ROME, or the prompt's last token)
+EDIT_METHODS = {
+    "finetune": (lambda model, layer, prompt, key_pos, answer, cfg:
+                 edit_layer(model, layer, prompt, answer, cfg.edit_steps, cfg.edit_lr), "last"),
+    "rank_one_subject": (lambda model, layer, prompt, key_pos, answer, cfg:
+                         rank_one_edit(model, layer, prompt, key_pos, answer, cfg.edit_steps, cfg.edit_lr), "subject"),
+    "rank_one_last": (lambda model, layer, prompt, key_pos, answer, cfg:
+                      rank_one_edit(model, layer, prompt, key_pos, answer, cfg.edit_steps, cfg.edit_lr), "last"),
+}
+
+
 def edit_sweep(model: torch.nn.Module, tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]],
                cfg: ReversalTracingConfig, traces: Sequence[Trace]) -> list[dict]:
-    """Rewrite each pair's child to the next pair's child at each layer in turn; one row per
-    (fact, layer) with the edit's scores and the trace's MLP and residual recovery at the last
-    subject token of that layer (Hase et al.'s comparison)."""
-    editors = {
-        "finetune": lambda layer, prompt, subject, answer: edit_layer(model, layer, prompt, answer, cfg.edit_steps, cfg.edit_lr),
-        "rank_one": lambda layer, prompt, subject, answer: rank_one_edit(model, layer, prompt, subject[-1], answer,
-                                                                         cfg.edit_steps, cfg.edit_lr),
-    }
+    """Rewrite each pair's child to the next pair's child with each method at each layer in turn,
+    from the trained weights every time. One row per (fact, method, layer): the edit's scores and
+    the trace's MLP recovery at that layer at the method's position (fine-tuning changes every
+    position, so it is set beside the last token, where this model's traces peak)."""
     rows = []
     facts = [forward_fact_prompt(tokenizer, p, c) for p, c in pairs]
     for i, ((prompt, subject, _), trace) in enumerate(zip(facts, traces)):
         new_answer = facts[(i + 1) % len(facts)][2]
         others = [(p, a) for j, (p, _, a) in enumerate(facts) if j != i]
         before = float(sequence_logprobs(model, [prompt], [new_answer])[0])
-        for method, edit in editors.items():
+        positions = {"subject": subject[-1], "last": len(prompt) - 1}
+        for method, (edit, where) in EDIT_METHODS.items():
             for layer in range(len(model.blocks)):
-                scores = edit_scores(edit(layer, prompt, subject, new_answer), prompt, new_answer, others)
-                rows.append({"fact": i, "method": method, "layer": layer, **scores,
+                edited = edit(model, layer, prompt, positions[where], new_answer, cfg)
+                scores = edit_scores(edited, prompt, new_answer, others)
+                rows.append({"fact": i, "method": method, "position": where, "layer": layer, **scores,
                              "logprob_gain": scores["new_logprob"] - before,
-                             "trace_mlp": float(trace.recovery("mlp")[layer, subject[-1]]),
-                             "trace_resid": float(trace.recovery("resid")[layer, subject[-1]])})
+                             "trace_mlp": float(trace.recovery("mlp")[layer, positions[where]]),
+                             "trace_resid": float(trace.recovery("resid")[layer, positions[where]])})
     return rows
 
 

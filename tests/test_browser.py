@@ -139,8 +139,8 @@ def page(lab, tmp_path):
         browser = p.chromium.launch(executable_path=CHROMIUM,
                                     args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
         try:
-            pg = browser.new_page(viewport={"width": 1400, "height": 1000})
-            pg.set_default_timeout(60_000)
+            pg = browser.new_page(viewport={"width": 1400, "height": 1800})
+            pg.set_default_timeout(180_000)  # generous: CI machines can be slow and shared
             yield pg
             pg.screenshot(path=str(tmp_path / "last-view.png"))  # for a failure's post-mortem
         finally:
@@ -149,7 +149,7 @@ def page(lab, tmp_path):
 
 def open_and_run(page, lab, name: str, screenshots: Path) -> None:
     url, token, _ = lab
-    page.goto(f"{url}/lab/tree/{name}?token={token}")
+    page.goto(f"{url}/lab/tree/{name}?token={token}&reset")  # reset: no tabs restored from an earlier test
     try:
         page.wait_for_selector(".jp-Notebook .jp-Cell")
         page.get_by_text("Kernel status: Idle").first.wait_for(state="attached")
@@ -173,8 +173,17 @@ def step_text(page) -> str:
     return page.inner_text(".lablib-explorer .lablib-step")
 
 
-def heatmap(page, view: str):
-    return page.evaluate(f"() => document.querySelector('.lablib-explorer .{view} .js-plotly-plot').data[0].z")
+def heatmap(page, view: str) -> tuple[int, str] | None:
+    """(rows, content) of the heatmap the plotly div in `view` draws; None until it draws one.
+
+    Plotly sends numpy arrays base64-encoded ({dtype, bdata, shape}); the encoded string
+    stands for the content.
+    """
+    return page.evaluate(f"""() => {{
+        const z = document.querySelector('.lablib-explorer .{view} .js-plotly-plot')?.data?.[0]?.z;
+        if (!z) return null;
+        return z.bdata ? [Number(String(z.shape).split(',')[0]), z.bdata] : [z.length, JSON.stringify(z)];
+    }}""")
 
 
 def wait_for(condition, timeout: float, what: str):
@@ -195,9 +204,9 @@ def test_explorer_in_jupyterlab_follows_slider_and_prompt(lab, page, tmp_path):
              "explorer = CheckpointExplorer(run.path, prompt='def add(a, b):', poll_interval=0.5)\nexplorer")
     open_and_run(page, lab, "explore.ipynb", tmp_path)
     wait_for(lambda: "step 8" in step_text(page), 60, "the explorer to open on step 8")
-    page.wait_for_function("() => document.querySelector('.lablib-attention .js-plotly-plot')?.data?.[0]?.z")
+    wait_for(lambda: heatmap(page, "lablib-attention"), 60, "the attention heatmap to be drawn")
     attention_before, lens_before = heatmap(page, "lablib-attention"), heatmap(page, "lablib-lens")
-    assert len(attention_before) == len("def add(a, b):")
+    assert attention_before[0] == len("def add(a, b):")
 
     page.focus(".lablib-explorer .noUi-handle")
     page.keyboard.press("Home")  # first checkpoint
@@ -209,33 +218,32 @@ def test_explorer_in_jupyterlab_follows_slider_and_prompt(lab, page, tmp_path):
     prompt = page.locator(".lablib-prompt textarea")
     prompt.fill("class Point:")
     prompt.press("Tab")  # the box sends its value when it loses focus
-    wait_for(lambda: len(heatmap(page, "lablib-attention")) == len("class Point:"), 30,
+    wait_for(lambda: heatmap(page, "lablib-attention")[0] == len("class Point:"), 30,
              "the attention heatmap to redraw for the new prompt")
     page.locator(".lablib-explorer").screenshot(path=str(tmp_path / "explorer.png"))
     assert (tmp_path / "explorer.png").stat().st_size > 10_000
 
 
 def test_checkpoints_of_a_run_training_in_another_process_reach_the_slider(lab, page, tmp_path):
+    from lablib.checkpoints import list_checkpoints
+
     _, _, root = lab
     run_dir = root / "runs" / "live"
+    run_dir.mkdir(parents=True)  # the explorer opens first and waits for the run's first checkpoint
+    notebook(root / "live.ipynb", "from widgets.explorer import CheckpointExplorer\n"
+                                  f"CheckpointExplorer({str(run_dir)!r}, prompt='x = 0', poll_interval=0.5)")
+    open_and_run(page, lab, "live.ipynb", tmp_path)
+    wait_for(lambda: "no checkpoint yet" in step_text(page), 60, "the explorer to wait for a checkpoint")
     trainer = subprocess.Popen(
-        [sys.executable, "-c", TRAIN_TINY_RUN + f"train_tiny_run({str(run_dir)!r}, steps=80, checkpoint_every=10, pace=0.3)"],
+        [sys.executable, "-c", TRAIN_TINY_RUN + f"train_tiny_run({str(run_dir)!r}, steps=60, checkpoint_every=10, pace=0.2)"],
         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: (run_dir / "model.json").is_file(), 60, "the training process to create its run folder")
-        notebook(root / "live.ipynb", "from widgets.explorer import CheckpointExplorer\n"
-                                      f"CheckpointExplorer({str(run_dir)!r}, prompt='x = 0', poll_interval=0.5)")
-        open_and_run(page, lab, "live.ipynb", tmp_path)
-        from lablib.checkpoints import list_checkpoints
-
-        # for each checkpoint written after the page showed up: when it appeared on disk, when in the slider
+        # for each checkpoint: when it appeared on disk, and when the slider's newest step reached it
         on_disk: dict[int, float] = {}
         in_slider: dict[int, float] = {}
-        deadline = time.monotonic() + 120
-        while trainer.poll() is None or set(on_disk) - set(in_slider):
-            if time.monotonic() > deadline:
-                break
+        deadline = time.monotonic() + 150
+        while (trainer.poll() is None or set(on_disk) - set(in_slider)) and time.monotonic() < deadline:
             now = time.monotonic()
             for step in list_checkpoints(run_dir):
                 on_disk.setdefault(step, now)
@@ -246,11 +254,11 @@ def test_checkpoints_of_a_run_training_in_another_process_reach_the_slider(lab, 
                     if step <= newest:
                         in_slider.setdefault(step, time.monotonic())
             time.sleep(0.1)
-        first_seen = min(in_slider.values())
-        delays = {s: in_slider[s] - on_disk[s] for s in in_slider if on_disk[s] > first_seen}
-        print("checkpoint -> slider delays (s):", {s: round(d, 2) for s, d in sorted(delays.items())})
-        assert sorted(in_slider) == list_checkpoints(run_dir)
-        assert len(delays) >= 2, f"too few checkpoints arrived while watching: {sorted(on_disk)}"
-        assert max(delays.values()) < 10.0
+        delays = {s: round(in_slider[s] - on_disk[s], 2) for s in sorted(in_slider)}
+        print("seconds from checkpoint on disk to the slider:", delays)
+        assert trainer.returncode == 0
+        assert sorted(in_slider) == list_checkpoints(run_dir) == [1, 2, 4, 8, 10, 20, 30, 40, 50, 60]
+        assert max(delays.values()) < 10.0  # generous: the explorer polls every 0.5 s
+        page.screenshot(path=str(tmp_path / "live.png"))
     finally:
         kill_group(trainer)

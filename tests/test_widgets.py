@@ -39,39 +39,41 @@ def explorer(tiny_run):
 def test_explorer_opens_on_the_newest_checkpoint(explorer):
     assert explorer.steps == [1, 2, 4, 8] and explorer.step == 8
     assert "step 8" in explorer.step_label.value
-    assert explorer.curves.layout.shapes[0].x0 == 8
+    assert explorer.curves.figure.layout.shapes[0].x0 == 8
 
 
 def test_moving_the_slider_redraws_every_view(explorer):
-    before = {name: fig.to_plotly_json()["data"] for name, fig in explorer.figures().items()}
+    attention, lens, loss_curve = (explorer.attention.figure.data[0].z, explorer.lens.figure.data[0].z,
+                                   list(explorer.curves.figure.data[0].y))
     tokens_before = explorer.tokens_view.value
     explorer.show_step(1)
-    after = {name: fig.to_plotly_json()["data"] for name, fig in explorer.figures().items()}
     assert "step 1" in explorer.step_label.value
-    assert explorer.curves.layout.shapes[0].x0 == 1
-    assert (explorer.attention.data[0].z != before["attention"][0]["z"]).any()
-    assert (explorer.lens.data[0].z != before["logit_lens"][0]["z"]).any()
+    assert explorer.curves.figure.layout.shapes[0].x0 == 1
+    assert (explorer.attention.figure.data[0].z != attention).any()
+    assert (explorer.lens.figure.data[0].z != lens).any()
     assert explorer.tokens_view.value != tokens_before
-    assert after["curves"] == before["curves"]  # the curves stay; only the marker moved
+    assert list(explorer.curves.figure.data[0].y) == loss_curve  # the curves stay; only the marker moved
 
 
 def test_a_new_prompt_redraws_attention_at_its_length(explorer):
     explorer.prompt_box.value = "class Point:"
-    assert explorer.attention.data[0].z.shape == (12, 12)
-    assert explorer.lens.data[0].z.shape == (3, 12)
+    assert explorer.attention.figure.data[0].z.shape == (12, 12)
+    assert explorer.lens.figure.data[0].z.shape == (3, 12)
     assert "Point" not in explorer.message.value
 
 
 def test_layer_and_head_pickers_select_the_heatmap(explorer):
     explorer.layer_picker.value, explorer.head_picker.value = 1, 1
-    assert (explorer.attention.data[0].z == explorer.analysis.attention[1, 1]).all()
-    assert "layer 1 head 1" in explorer.attention.layout.title.text
+    assert (explorer.attention.figure.data[0].z == explorer.analysis.attention[1, 1]).all()
+    assert "layer 1 head 1" in explorer.attention.figure.layout.title.text
 
 
-def test_figures_are_plain_plotly_figures(explorer):
+def test_views_are_plain_plotly_outputs(explorer):
     figures = explorer.figures()
     assert set(figures) == {"curves", "attention", "logit_lens"}
     assert all(type(f) is go.Figure for f in figures.values())
+    shown = explorer.attention.outputs[0]["data"]["application/vnd.plotly.v1+json"]
+    assert shown["layout"]["title"]["text"] == explorer.attention.figure.layout.title.text
 
 
 def test_new_checkpoints_and_metrics_appear_on_refresh(copied_run):
@@ -84,7 +86,7 @@ def test_new_checkpoints_and_metrics_appear_on_refresh(copied_run):
         copied_run.log.append({"step": 16, "tokens": 2048, "loss": 2.5})
         assert ex.refresh()
         assert ex.steps == [1, 2, 4, 8, 16] and ex.step == 16  # it was on the newest, so it follows
-        assert 16 in list(ex.curves.data[0].x)
+        assert 16 in list(ex.curves.figure.data[0].x)
     finally:
         ex.close()
 
@@ -150,6 +152,6 @@ def test_comparison_follows_the_left_runs_step_and_prompt(tiny_run, copied_run):
         assert cmp.right.step == 4
         cmp.left.prompt_box.value = "y = 2"
         assert cmp.right.prompt_box.value == "y = 2"
-        assert (cmp.right.attention.data[0].z == cmp.left.attention.data[0].z).all()  # same weights at step 4
+        assert (cmp.right.attention.figure.data[0].z == cmp.left.attention.figure.data[0].z).all()  # same weights at step 4
     finally:
         cmp.close()

@@ -15,13 +15,15 @@ Notable here:
 - `RunComparison(a, b)` puts two explorers side by side; the left one's step, prompt,
   layer and head drive the right one (at the newest step not after the left's).
 - `figures()` returns plain `go.Figure` copies of the current views, which render in
-  a notebook opened without a kernel. Nothing loads from a CDN: FigureWidget ships
-  its own bundle.
+  a notebook opened without a kernel. The views are Output widgets holding plain
+  plotly figures (see `FigureView`), drawn by the plotly renderer that ships with
+  plotly's JupyterLab extension: nothing loads from a CDN.
 """
 
 from __future__ import annotations
 
 import html
+import json
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -32,27 +34,32 @@ import plotly.graph_objects as go
 
 from lablib.analysis import CheckpointModel, PromptAnalysis
 from lablib.background import RunWatcher
-from widgets.plots import TEMPLATE, attention_figure, curves_figure, extra_metrics, logit_lens_figure, tokens_html
+from widgets.plots import attention_figure, curves_figure, extra_metrics, logit_lens_figure, tokens_html
 
 DEFAULT_PROMPT = "def __init__(self, name):\n    self.name = name\n"
 WAITING = ("no checkpoint yet", -1)  # the slider's only option until the first checkpoint is complete
 MEMO_SIZE = 64
+PLOTLY_MIME = "application/vnd.plotly.v1+json"  # drawn by the jupyterlab-plotly renderer that ships with plotly
 
 
-def _copy_into(widget: go.FigureWidget, fig: go.Figure) -> None:
-    """Make `widget` show `fig` (same traces in the same order) with one batched message."""
-    with widget.batch_update():
-        for target, source in zip(widget.data, fig.data):
-            target.update(source.to_plotly_json(), overwrite=True)
-        layout = fig.layout.to_plotly_json()
-        layout.pop("template", None)  # set once at construction; resending it costs kilobytes per redraw
-        widget.layout.update(layout, overwrite=True)
+class FigureView(w.Output):
+    """An Output widget showing one plain plotly figure; `show(fig)` replaces it.
 
+    Plain plotly outputs (not FigureWidget) because they are drawn by JupyterLab's own
+    plotly renderer as soon as they arrive, are kept in papermill's saved widget state
+    and render in a notebook opened without a kernel. A FigureWidget nested in a Box
+    was seen to stay blank when a busy browser loaded its 5 MB bundle late.
+    """
 
-def _boxed(child: w.Widget, css_class: str) -> w.Box:
-    box = w.Box([child])
-    box.add_class(css_class)
-    return box
+    def __init__(self, css_class: str):
+        super().__init__()
+        self.add_class(css_class)
+        self.figure: go.Figure | None = None
+
+    def show(self, fig: go.Figure) -> None:
+        self.figure = fig
+        self.outputs = ({"output_type": "display_data", "metadata": {},
+                         "data": {PLOTLY_MIME: json.loads(fig.to_json()), "text/plain": ["<plotly figure>"]}},)
 
 
 class CheckpointExplorer(w.VBox):
@@ -80,7 +87,8 @@ class CheckpointExplorer(w.VBox):
         self.step_label = w.HTML()
         self.step_label.add_class("lablib-step")
         self.metric_picker = w.Dropdown(description="right panel", layout=w.Layout(width="260px"))
-        self.curves = go.FigureWidget(curves_figure(None, width=width))
+        self.curves = FigureView("lablib-curves")
+        self.curve_width = width
         self.prompt_box = w.Textarea(value=prompt, description="prompt", continuous_update=False,
                                      layout=w.Layout(width=f"{min(width, 600)}px", height="3.2em"))
         self.prompt_box.add_class("lablib-prompt")
@@ -88,15 +96,14 @@ class CheckpointExplorer(w.VBox):
         self.tokens_view.add_class("lablib-tokens")
         self.layer_picker = w.Dropdown(description="layer", layout=w.Layout(width="160px"))
         self.head_picker = w.Dropdown(description="head", layout=w.Layout(width="160px"))
-        self.attention = go.FigureWidget(go.Heatmap(), layout=dict(template=TEMPLATE, width=half, height=420))
-        self.lens = go.FigureWidget(go.Heatmap(), layout=dict(template=TEMPLATE, width=half, height=420))
+        self.attention, self.lens = FigureView("lablib-attention"), FigureView("lablib-lens")
+        self.view_width = half
         self.message = w.HTML()
-        views = (w.VBox if stacked else w.HBox)([_boxed(self.attention, "lablib-attention"),
-                                                 _boxed(self.lens, "lablib-lens")])
+        views = (w.VBox if stacked else w.HBox)([self.attention, self.lens])
         super().__init__([
             self.title,
             w.HBox([self.step_slider, self.step_label]),
-            self.metric_picker, _boxed(self.curves, "lablib-curves"),
+            self.metric_picker, self.curves,
             self.prompt_box, self.tokens_view,
             w.HBox([self.layer_picker, self.head_picker]), views, self.message])
         self.add_class("lablib-explorer")
@@ -215,8 +222,7 @@ class CheckpointExplorer(w.VBox):
             self._set_options(self.head_picker, [(f"{h}", h) for h in range(model.cfg.n_head)])
             self.tokens_view.value = tokens_html(self.analysis, model.cfg.vocab_size)
             self._draw_attention()
-            _copy_into(self.lens, logit_lens_figure(self.analysis, width=self.lens.layout.width,
-                                                    height=self.lens.layout.height, template=None))
+            self.lens.show(logit_lens_figure(self.analysis, width=self.view_width))
 
     @staticmethod
     def _set_options(picker: w.Dropdown, options: list[tuple[str, int]]) -> None:
@@ -229,23 +235,20 @@ class CheckpointExplorer(w.VBox):
         with self._lock:
             if self.analysis is None or self.layer_picker.value is None or self.head_picker.value is None:
                 return
-            _copy_into(self.attention, attention_figure(self.analysis, self.layer_picker.value, self.head_picker.value,
-                                                        width=self.attention.layout.width,
-                                                        height=self.attention.layout.height, template=None))
+            self.attention.show(attention_figure(self.analysis, self.layer_picker.value, self.head_picker.value,
+                                                 width=self.view_width))
 
     def _draw_curves(self) -> None:
         """Rebuild the curves (new metric rows or another metric picked)."""
         with self._lock:
-            _copy_into(self.curves, curves_figure(self.metrics(), self.step, self.metric_picker.value,
-                                                  width=self.curves.layout.width, height=self.curves.layout.height,
-                                                  template=None))
+            self.curves.show(curves_figure(self.metrics(), self.step, self.metric_picker.value, width=self.curve_width))
 
     def _move_marker(self) -> None:
         """Only the step marker moves when the step changes; the curves stay."""
+        if self.curves.figure is None:
+            return
         step = self.step
-        with self.curves.batch_update():
-            for shape in self.curves.layout.shapes:
-                shape.update(x0=step or 0, x1=step or 0, visible=step is not None)
+        self.curves.show(self.curves.figure.update_shapes(x0=step or 0, x1=step or 0, visible=step is not None))
 
     def _draw_step_label(self) -> None:
         step = self.step
@@ -264,7 +267,7 @@ class CheckpointExplorer(w.VBox):
     # --- output ------------------------------------------------------------------------------------
     def figures(self) -> dict[str, go.Figure]:
         """The current views as plain plotly figures (they render without a kernel)."""
-        return {"curves": go.Figure(self.curves), "attention": go.Figure(self.attention), "logit_lens": go.Figure(self.lens)}
+        return {"curves": self.curves.figure, "attention": self.attention.figure, "logit_lens": self.lens.figure}
 
     def close(self) -> None:
         """Stop polling the run folder and close every widget of the explorer."""

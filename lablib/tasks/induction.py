@@ -11,7 +11,7 @@ Notable here:
   model's next-token path (head 0 of a multi-token model).
 - `train_induction(n_future, ...)` trains one small `MultiTokenTransformer` (n_future=1
   is plain next-token prediction with the same trunk and head) and returns its
-  accuracy curve.
+  accuracy curve and the step at which induction formed (accuracy first >= 0.5).
 """
 
 from __future__ import annotations
@@ -68,10 +68,12 @@ def induction_accuracy(model, task: InductionTask, n_rows: int = 256, seed: int 
 
 def train_induction(n_future: int, *, seed: int = 0, steps: int = 400, task: InductionTask | None = None,
                     n_layer: int = 2, d_model: int = 64, n_head: int = 4, batch_size: int = 32,
-                    learning_rate: float = 3e-3, eval_every: int = 25, progress: bool = False) -> dict:
+                    learning_rate: float = 3e-3, eval_every: int = 10, progress: bool = False) -> dict:
     """Train a small causal model with n_future-token prediction on the induction task.
 
-    Returns {"n_future", "seed", "steps": [...], "accuracy": [...], "final_accuracy"}.
+    Returns {"n_future", "seed", "steps": [...], "accuracy": [...], "final_accuracy", "steps_to_half"}:
+    steps_to_half is the first evaluated step with accuracy >= 0.5 (None if never), i.e. when
+    the induction mechanism formed.
     """
     task = task or InductionTask()
     torch.manual_seed(seed)
@@ -89,4 +91,5 @@ def train_induction(n_future: int, *, seed: int = 0, steps: int = 400, task: Ind
     train(model, MultiTokenPrediction(), task, cfg, None, callbacks=[(eval_every, record)], progress=progress)
     steps_seen = sorted(curve)
     return {"n_future": n_future, "seed": seed, "steps": steps_seen, "accuracy": [curve[s] for s in steps_seen],
-            "final_accuracy": curve[steps_seen[-1]]}
+            "final_accuracy": curve[steps_seen[-1]],
+            "steps_to_half": next((s for s in steps_seen if curve[s] >= 0.5), None)}

@@ -202,6 +202,12 @@ class CheckpointModel:
     def analyze(self, step: int, text: str, k: int = 5) -> PromptAnalysis:
         return analyze_prompt(self.at(step), self.tokenizer, text, k=k, step=step)
 
+    def prompt_loss_by_step(self, text: str, steps: list[int] | None = None):
+        """Mean next-token loss of `text` at each checkpoint: a DataFrame with columns step, loss."""
+        import pandas as pd
+
+        return pd.DataFrame([{"step": s, "loss": self.analyze(s, text).mean_loss} for s in (steps or self.steps())])
+
 
 # --- linear probes ---------------------------------------------------------------------
 

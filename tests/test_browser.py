@@ -258,7 +258,9 @@ def test_checkpoints_of_a_run_training_in_another_process_reach_the_slider(lab, 
         print("seconds from checkpoint on disk to the slider:", delays)
         assert trainer.returncode == 0
         assert sorted(in_slider) == list_checkpoints(run_dir) == [1, 2, 4, 8, 10, 20, 30, 40, 50, 60]
-        assert max(delays.values()) < 10.0  # generous: the explorer polls every 0.5 s
+        # generous: the explorer polls every 0.5 s and takes well under a second to redraw on an idle
+        # machine; a shared CI machine can be many times slower
+        assert max(delays.values()) < 30.0
         page.screenshot(path=str(tmp_path / "live.png"))
     finally:
         kill_group(trainer)

@@ -56,7 +56,6 @@ def test_branching_graphs_are_dags_with_the_papers_edge_count():
 
 
 def test_node_names_are_distinct_one_to_three_alphanumerics():
-    rng = np.random.default_rng(3)
     for graph in random_graphs(500, seed=3):
         assert len(set(graph.names)) == graph.n_nodes
         assert all(re.fullmatch(r"[A-Za-z0-9]{1,3}", name) for name in graph.names)

@@ -125,3 +125,12 @@ def test_drift_correction_subtracts_the_control_curve_of_the_same_kind():
     out = drift_corrected(curves)
     assert out["fact"].tolist() == ["once/0", "once/0"]
     assert out["logprob"].tolist() == [0.0, 2.0]
+
+
+def test_log_binning_keeps_a_power_law_exact():
+    from lablib.knowledge import log_binned
+
+    t = np.arange(1, 1001, dtype=float)
+    centres, means = log_binned(t, t ** -0.5, n_bins=10)
+    assert len(centres) <= 10 and centres[0] == 1.0
+    assert fit_power_law(centres, means).exponent == pytest.approx(0.5, abs=0.05)

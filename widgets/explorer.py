@@ -14,8 +14,8 @@ Notable here:
   analyses are memoised per (step, prompt), so going back is instant.
 - `RunComparison(a, b)` puts two explorers side by side; the left one's step, prompt,
   layer and head drive the right one (at the newest step not after the left's).
-- `figures()` returns plain `go.Figure` copies of the current views, which render in
-  a notebook opened without a kernel. The views are Output widgets holding plain
+- `figures()` returns the current views as plain `go.Figure`s, which render in a
+  notebook opened without a kernel. The views are Output widgets holding plain
   plotly figures (see `FigureView`), drawn by the plotly renderer that ships with
   plotly's JupyterLab extension: nothing loads from a CDN.
 """
@@ -206,8 +206,8 @@ class CheckpointExplorer(w.VBox):
     def _redraw_analysis(self) -> None:
         with self._lock:
             step = self.step
+            self._draw_step_label()  # first: the cheapest and most looked-at change
             self._move_marker()
-            self._draw_step_label()
             if step is None:
                 self.message.value = "waiting for the first complete checkpoint…"
                 return

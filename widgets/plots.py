@@ -20,7 +20,7 @@ import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
-from lablib.analysis import PromptAnalysis
+from lablib.analysis import PatchingResult, PromptAnalysis
 
 VISIBLE = str.maketrans({" ": "␣", "\n": "⏎", "\t": "⇥", "\r": "␍"})
 CURVE_COLUMNS = ("step", "tokens", "loss", "val_loss")  # drawn in the left panel or used as axes
@@ -121,7 +121,7 @@ def tokens_html(a: PromptAnalysis, vocab_size: int | None = None) -> str:
             guess, p = a.top_k_tokens[pos][rank], a.top_k_probs[pos, rank]
             actual = pos + 1 < len(a.tokens) and guess == a.tokens[pos + 1]
             weight = "font-weight:bold;text-decoration:underline;" if actual else ""
-            cells.append(f'<td style="{weight}background:rgba(31,119,180,{p:.2f})" '
+            cells.append(f'<td style="{weight}padding:0 4px;background:rgba(31,119,180,{p:.2f})" '
                          f'title="p={p:.3f}">{html.escape(show_token(guess))}</td>')
         rows.append(f"<tr><th>#{rank + 1}</th>{''.join(cells)}</tr>")
     return (f'<div style="font-family:monospace;white-space:pre-wrap;line-height:1.6">'
@@ -131,3 +131,27 @@ def tokens_html(a: PromptAnalysis, vocab_size: int | None = None) -> str:
             f'{"".join(rows)}</table></div>'
             '<div style="font-size:11px;color:#666">columns: input tokens; cells: the next tokens the model predicts '
             'there (shade = probability, underlined = what actually came next)</div>')
+
+
+def patching_figure(result: PatchingResult, tokens: list[str], width: int = 700, height: int = 320,
+                    template: str | None = TEMPLATE) -> go.Figure:
+    """Activation patching: fraction of the clean-vs-corrupted metric gap restored per (layer, position)."""
+    return go.Figure(
+        go.Heatmap(z=result.restored, zmid=0, colorscale="RdBu", reversescale=True,
+                   hovertemplate="layer %{y}, position %{x}<br>restored %{z:.2f}<extra></extra>",
+                   colorbar=dict(title=dict(text="restored"), thickness=10)),
+        layout=dict(title=dict(text=f"activation patching of {result.site} (clean metric {result.clean:.2f}, "
+                                    f"corrupted {result.corrupted:.2f})", x=0.5),
+                    template=template, width=width, height=height, margin=dict(l=60, r=10, t=40, b=50),
+                    xaxis=dict(title=dict(text="position (clean token)"), **_ticks(tokens)),
+                    yaxis=dict(title=dict(text="layer"), dtick=1)))
+
+
+def probe_figure(table, width: int = 600, height: int = 320, template: str | None = TEMPLATE) -> go.Figure:
+    """Held-out accuracy of one linear probe per layer (a `probe_layers` table) against the majority baseline."""
+    fig = go.Figure([go.Bar(x=table["layer"], y=table["test_accuracy"], name="probe (held-out)"),
+                     go.Scatter(x=table["layer"], y=table["majority_baseline"], name="majority class",
+                                mode="lines+markers", line=dict(dash="dash"))])
+    fig.update_layout(template=template, width=width, height=height, yaxis=dict(title=dict(text="accuracy"),
+                      range=[0, 1]), margin=dict(l=60, r=10, t=30, b=40))
+    return fig

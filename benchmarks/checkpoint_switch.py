@@ -7,6 +7,9 @@ rebuild every view (curves marker, per-token loss and top-k table, attention
 heatmap, logit lens). The widgets run headless, so this is the kernel's share of a
 redraw; the browser's drawing of the figures comes on top.
 
+"switch CPU time" is the CPU time this process spent per switch: on a shared machine
+the wall-clock time also contains waiting for a core, which the load average shows.
+
 Peer: what a notebook without the explorer does for the same look, rebuilding the
 model from the run folder (`open_run(path).load_model(step)`) and calling
 `analyze_prompt`, without drawing anything. Both are timed in alternating order.
@@ -88,6 +91,11 @@ def main() -> None:
 
         interleaved({"explorer": explorer_switch, "rebuild": rebuild_and_analyse}, 2)  # warm-up
         times = interleaved({"explorer": explorer_switch, "rebuild": rebuild_and_analyse}, args.repeats)
+        cpu_times = []  # CPU seconds of this process per switch: the work itself, less sensitive to other jobs
+        for _ in range(args.repeats):
+            t0 = time.process_time()
+            explorer_switch()
+            cpu_times.append(time.process_time() - t0)
         for step in steps:  # fill the memo, then time revisits
             explorer.show_step(step)
         revisit = interleaved({"revisit": memoised_revisit}, args.repeats)["revisit"]
@@ -99,6 +107,7 @@ def main() -> None:
     info["load_average_at_end"] = os.getloadavg()
     row = {"model": f"{n_params / 1e6:.1f}M params, {MODEL['n_layer']} layers", "prompt tokens": tokens,
            "switch (ms)": f"{median(times['explorer']) * 1e3:.0f}",
+           "switch CPU time (ms)": f"{median(cpu_times) * 1e3:.0f}",
            "revisit (ms)": f"{median(revisit) * 1e3:.0f}",
            "peer: rebuild + analyse (ms)": f"{median(times['rebuild']) * 1e3:.0f}",
            "peer / switch": f"{median(times['rebuild']) / median(times['explorer']):.2f}",
@@ -108,6 +117,7 @@ def main() -> None:
     print(table)
     print(machine_line(info), f"; torch threads {torch.get_num_threads()}")
     write_results("checkpoint_switch", {"machine": info, "row": row, "times_s": times, "revisit_s": revisit,
+                                        "switch_cpu_s": cpu_times,
                                         "threads": torch.get_num_threads()})
     if not args.no_readme:
         update_readme("checkpoint_switch", "## Checkpoint explorer: time per checkpoint switch\n\n"

@@ -123,3 +123,9 @@ def test_patching_the_differing_token_at_the_embedding_restores_the_clean_run():
 def test_patching_refuses_prompts_of_different_lengths():
     with pytest.raises(ValueError, match="equal length"):
         activation_patching(tiny_model(), [1, 2, 3], [1, 2], logit_difference(1, 2))
+
+
+def test_prompt_loss_by_step_has_one_row_per_checkpoint(tiny_run):
+    table = CheckpointModel(tiny_run).prompt_loss_by_step("return a + b")
+    assert list(table["step"]) == [1, 2, 4, 8]
+    assert table["loss"].iloc[-1] < table["loss"].iloc[0]

@@ -7,6 +7,8 @@ import os
 import shutil
 import time
 
+import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 import pytest
 import torch
@@ -155,3 +157,14 @@ def test_comparison_follows_the_left_runs_step_and_prompt(tiny_run, copied_run):
         assert (cmp.right.attention.figure.data[0].z == cmp.left.attention.figure.data[0].z).all()  # same weights at step 4
     finally:
         cmp.close()
+
+
+def test_patching_and_probe_figures_draw_the_results():
+    from lablib.analysis import PatchingResult
+    from widgets.plots import patching_figure, probe_figure
+
+    result = PatchingResult(effect=np.array([[0.0, 2.0], [1.0, 1.0]]), clean=3.0, corrupted=1.0, site="resid_pre")
+    fig = patching_figure(result, ["a", "b"])
+    assert (fig.data[0].z == [[0.0, 1.0], [0.5, 0.5]]).all()
+    table = pd.DataFrame({"layer": ["embed", "block 0"], "test_accuracy": [0.6, 0.9], "majority_baseline": [0.5, 0.5]})
+    assert list(probe_figure(table).data[0].y) == [0.6, 0.9]

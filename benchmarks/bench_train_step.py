@@ -243,10 +243,11 @@ def main() -> None:
 def report(name: str) -> str:
     """Rewrite the README section of results/<name>.json; returns the table."""
     data = json.loads((RESULTS / f"{name}.json").read_text())
-    rows = table_rows(data["rows"])
+    order = {key: i for i, key in enumerate((size, mode) for size in SIZES for mode in MODES)}
+    rows = table_rows(sorted(data["rows"], key=lambda r: order[(r["size"], r["mode"])]))
     table = markdown_table(rows, list(dict.fromkeys(c for r in rows for c in r)))
     first = data["rows"][0]
-    update_readme(name, f"{table}\n\n{stamp(data['machine'], data['date'])} {first.get('threads', '?')} torch thread(s), "
+    update_readme(name, f"{table}\n\n{stamp(data['machine'], data['date'])} {first.get('threads', data['args'].get('threads'))} torch thread(s), "
                         f"batch {first['batch']} x seq {first['seq']}; tok/s are medians of alternating steps; 'lab / gpt2' is the "
                         "median of the step-by-step speed ratios (each lab step against the gpt2 step next to it), "
                         "which stays put when the machine's load shifts mid-row, unlike the ratio of medians; "

@@ -226,7 +226,7 @@ def fit_power_law(t: np.ndarray, y: np.ndarray) -> PowerLawFit:
     t, y = t[keep], y[keep]
     if len(t) < 3:
         raise ValueError(f"fit_power_law: expected at least 3 finite points with t >= 1, got {len(t)}")
-    with np.errstate(over="ignore"):  # wild trial exponents overflow on the way to the optimum
+    with np.errstate(all="ignore"):  # wild trial exponents overflow on the way to the optimum
         (a, b), _ = curve_fit(lambda x, a, b: a * np.power(x, -b), t, y, p0=(max(y[0], 1e-3), 0.3), maxfev=20_000)
     residual = y - a * np.power(t, -b)
     total = ((y - y.mean()) ** 2).sum()

@@ -61,13 +61,17 @@ def build_model(cfg: LMConfig, vocab_size: int) -> Transformer:
     return Transformer(model_cfg)
 
 
-def pretrain(cfg: LMConfig, run, *, progress: bool = True) -> Pretrained:
-    """Data, tokenizer (saved as tokenizer.json), model and training, resuming when the run folder allows."""
+def pretrain(cfg: LMConfig, run, *, progress: bool = True, dist=None) -> Pretrained:
+    """Data, tokenizer (saved as tokenizer.json), model and training, resuming when the run folder allows.
+
+    dist: a `lablib.distributed.DistContext` under torchrun (every rank builds the same
+    data and tokenizer deterministically; only rank 0 writes).
+    """
     saved = run.tokenizer() if run is not None else None
     data = prepare_lm_data(cfg.corpus, saved or cfg.tokenizer, cfg.seq_len, bpe_vocab_size=cfg.bpe_vocab_size,
                            max_chars=cfg.corpus_max_chars, val_fraction=cfg.val_fraction,
                            seed=0)  # the same documents are held out whatever the training seed
-    if run is not None and saved is None:
+    if run is not None and saved is None and (dist is None or dist.is_main):
         data.tokenizer.save(run.path / "tokenizer.json")
     model = build_model(cfg, data.tokenizer.vocab_size)
     extra = {"mask_id": data.tokenizer.mask_id, "vocab_size": data.tokenizer.vocab_size,
@@ -75,8 +79,19 @@ def pretrain(cfg: LMConfig, run, *, progress: bool = True) -> Pretrained:
     objective = make_objective(cfg.objective, **extra)
     train_cfg = cfg.project(TrainConfig)
     result = train(model, objective, data.train, train_cfg, run,
-                   val=data.val.eval_batches(cfg.eval_batches, cfg.batch_size), progress=progress)
+                   val=data.val.eval_batches(cfg.eval_batches, cfg.batch_size), progress=progress, dist=dist)
     return Pretrained(model, data, result)
+
+
+def pretrain_distributed(dist, preset: str | None = None, run_dir: str | None = None, **overrides) -> dict:
+    """The quickstart's training on every rank of a torchrun job; returns rank 0's final metrics.
+
+        torchrun --nproc-per-node 2 -m lablib.distributed lablib.lm:pretrain_distributed --kwargs '{"preset": "smoke"}'
+    """
+    cfg = LMConfig.resolve(preset, **overrides)
+    run = dist.start_run("quickstart", cfg, run_dir, hardware=hardware_record(cfg), world_size=dist.world_size)
+    out = pretrain(cfg, run, progress=dist.is_main, dist=dist)
+    return {"run_dir": str(run.path), **out.result.final}
 
 
 def hardware_record(cfg: LMConfig) -> dict:

@@ -190,6 +190,10 @@ class CausalAxiomsConfig(ModelConfig, TrainConfig):
                                                "tokens, names by character, no spaces (the paper's scheme)")
     train_min_nodes: int = knob(3, "fewest nodes in a training chain", min=2)
     train_max_nodes: int = knob(6, "most nodes in a training chain", min=2)
+    short_chain_fraction: float = knob(0.0, "share of training questions asked about 2-node chains (the axiom's base "
+                                       "case 'A causes B. Does A cause B?'); evaluation never uses them", min=0.0, max=1.0)
+    embed_scale: float = knob(1.0, "factor on the token-embedding initialisation (std 0.02 * embed_scale)", min=0.0,
+                              min_exclusive=True)
     flip_prob: float = knob(0.5, "chance that an edge of a training (and `chain` eval) chain points backwards",
                             min=0.0, max=1.0)
     shuffle_prob: float = knob(0.5, "chance that a training chain's statements come in random order",
@@ -331,7 +335,10 @@ def training_chain(rng: np.random.Generator, cfg: CausalAxiomsConfig, n_nodes: i
 
 def training_examples(rng: np.random.Generator, cfg: CausalAxiomsConfig, n: int, evaluation: bool = False) -> list[Example]:
     """n questions from the training distribution (from the evaluation share when evaluation=True)."""
-    sizes = rng.integers(cfg.train_min_nodes, cfg.train_max_nodes + 1, n).tolist()
+    sizes = rng.integers(cfg.train_min_nodes, cfg.train_max_nodes + 1, n)
+    if cfg.short_chain_fraction and not evaluation:  # base-case demonstrations in the training stream only
+        sizes = np.where(rng.random(n) < cfg.short_chain_fraction, 2, sizes)
+    sizes = sizes.tolist()
     return [ask(rng, training_chain(rng, cfg, size, evaluation), bool(label))
             for size, label in zip(sizes, balanced_labels(rng, n).tolist())]
 
@@ -485,7 +492,10 @@ def hardware_record(cfg: CausalAxiomsConfig) -> dict[str, Any]:
 def build_model(cfg: CausalAxiomsConfig, tokenizer: Tokenizer) -> Transformer:
     model_cfg = dataclasses.replace(cfg.project(ModelConfig), vocab_size=tokenizer.vocab_size, mask="causal")
     torch.manual_seed(cfg.seed)
-    return Transformer(model_cfg)
+    model = Transformer(model_cfg)
+    with torch.no_grad():
+        model.embed.weight.mul_(cfg.embed_scale)
+    return model
 
 
 def train_model(cfg: CausalAxiomsConfig, run=None, *, progress: bool = True):

@@ -61,7 +61,7 @@ def build_model(cfg: LMConfig, vocab_size: int) -> Transformer:
     return Transformer(model_cfg)
 
 
-def pretrain(cfg: LMConfig, run, *, progress: bool = True, dist=None) -> Pretrained:
+def pretrain(cfg: LMConfig, run, *, progress: bool = True, dist=None, callbacks=()) -> Pretrained:
     """Data, tokenizer (saved as tokenizer.json), model and training, resuming when the run folder allows.
 
     dist: a `lablib.distributed.DistContext` under torchrun (every rank builds the same
@@ -79,7 +79,8 @@ def pretrain(cfg: LMConfig, run, *, progress: bool = True, dist=None) -> Pretrai
     objective = make_objective(cfg.objective, **extra)
     train_cfg = cfg.project(TrainConfig)
     result = train(model, objective, data.train, train_cfg, run,
-                   val=data.val.eval_batches(cfg.eval_batches, cfg.batch_size), progress=progress, dist=dist)
+                   val=data.val.eval_batches(cfg.eval_batches, cfg.batch_size), progress=progress, dist=dist,
+                   callbacks=callbacks)
     return Pretrained(model, data, result)
 
 

@@ -121,6 +121,14 @@ def test_training_batches_are_reproducible_balanced_and_padded():
     assert all(t.endswith(("? Yes", "? No")) for t in texts)
 
 
+def test_short_chain_fraction_adds_base_cases_to_training_only():
+    cfg = small_config(short_chain_fraction=1.0)
+    train = training_examples(np.random.default_rng(0), cfg, 64)
+    held_out = training_examples(np.random.default_rng(0), cfg, 64, evaluation=True)
+    assert {e.graph.n_nodes for e in train} == {2}
+    assert min(e.graph.n_nodes for e in held_out) >= cfg.train_min_nodes
+
+
 def test_char_tokenizer_covers_the_alphabet_without_unknowns():
     tok = task_tokenizer("char")
     assert tok.unk_id not in tok.encode(ALPHABET)

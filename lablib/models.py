@@ -179,6 +179,14 @@ class Block(nn.Module):
         return self.hook_resid_post(x + self.drop(self.hook_mlp_out(self.mlp(self.ln2(x)))))
 
 
+def init_like_transformer(module: nn.Module, n_layer: int) -> None:
+    """GPT-2 initialisation: N(0, 0.02), zero biases, residual projections scaled by 1/sqrt(2 * n_layer)."""
+    module.apply(Transformer._init_weights)
+    for name, p in module.named_parameters():
+        if name.endswith("c_proj.weight"):
+            nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -200,10 +208,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.unembed.weight = self.embed.weight
         self.hook_embed, self.hook_pos_embed, self.hook_final = HookPoint(), HookPoint(), HookPoint()
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        init_like_transformer(self, cfg.n_layer)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -235,10 +240,14 @@ class Transformer(nn.Module):
         if attn_mask is not None and mask is None:
             mode = "custom"
         m = build_mask(mode, x.shape[1], x.device, prefix_len, attn_mask)
-        rope = (self.rope_cos[: x.shape[1]], self.rope_sin[: x.shape[1]]) if self.cfg.pos == "rope" else None
+        rope = self.rope(x.shape[1])
         for block in self.blocks[:n_layers]:
             x = block(x, mode, m, rope)
         return x
+
+    def rope(self, T: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """RoPE's (cos, sin) tables for T positions, or None when the model does not use RoPE."""
+        return (self.rope_cos[:T], self.rope_sin[:T]) if self.cfg.pos == "rope" else None
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and unembedding: residual stream -> logits."""
@@ -331,14 +340,6 @@ class Transformer(nn.Module):
 
 
 # --- variants for the objectives suite: encoder-decoder, multi-token and future-token heads ---------------
-
-def init_like_transformer(module: nn.Module, n_layer: int) -> None:
-    """GPT-2 initialisation for modules added on top of a Transformer (same rule as its __init__)."""
-    module.apply(Transformer._init_weights)
-    for name, p in module.named_parameters():
-        if name.endswith("c_proj.weight"):
-            nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
-
 
 def padding_mask(valid: torch.Tensor) -> torch.Tensor:
     """(B, T) True = real token -> (B, T, T) bidirectional mask over real keys; every query keeps itself."""
@@ -433,8 +434,7 @@ class EncoderDecoder(nn.Module):
     def decode(self, tgt: torch.Tensor, memory: torch.Tensor, memory_valid: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, Tt, vocab) for decoder inputs `tgt` (teacher forcing) given the encoder memory."""
         x = self.encoder.embed_tokens(tgt)
-        rope = ((self.encoder.rope_cos[: x.shape[1]], self.encoder.rope_sin[: x.shape[1]])
-                if self.cfg.pos == "rope" else None)
+        rope = self.encoder.rope(x.shape[1])
         for block in self.decoder:
             x = block(x, memory, memory_valid, rope)
         return self.encoder.unembed(self.ln_decoder(x))
@@ -469,7 +469,7 @@ class MultiTokenTransformer(Transformer):
     def multi_token_logits(self, idx: torch.Tensor) -> list[torch.Tensor]:
         """[logits for token t+1, logits for t+2, ...] at every position t, each (B, T, vocab), causal."""
         h = self.trunk(idx, mask="causal", n_layers=self.cfg.n_layer - 1)
-        rope = (self.rope_cos[: h.shape[1]], self.rope_sin[: h.shape[1]]) if self.cfg.pos == "rope" else None
+        rope = self.rope(h.shape[1])
         return [self.head(block(h, "causal", None, rope)) for block in (self.blocks[-1], *self.future_heads)]
 
 

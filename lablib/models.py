@@ -88,7 +88,10 @@ def rope_tables(n_positions: int, head_dim: int, base: float) -> tuple[torch.Ten
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs (x[..., :d/2], x[..., d/2:]) of x: (B, T, H, D) by position."""
     x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    if cos.dim() == 2:  # (T, D/2): the same positions for every row
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    else:  # (B, T, D/2): per-row positions
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
@@ -218,43 +221,70 @@ class Transformer(nn.Module):
             nn.init.zeros_(module.bias)
 
     # --- forward -----------------------------------------------------------------
-    def embed_tokens(self, idx: torch.Tensor | None = None, embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def embed_tokens(self, idx: torch.Tensor | None = None, embeds: torch.Tensor | None = None,
+                     positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Token (+ absolute position) embeddings. positions: optional (T,) or (B, T) position ids,
+        default 0..T-1 (explicit ids let packed sequences restart or share positions)."""
         if (idx is None) == (embeds is None):
             raise ValueError("pass exactly one of idx (token ids) or embeds (B, T, d_model)")
         x = self.hook_embed(self.embed(idx) if embeds is None else embeds)
-        T = x.shape[1]
-        if T > self.cfg.max_seq_len and self.cfg.pos in ("learned", "sinusoidal", "rope"):
-            raise ValueError(f"sequence of {T} tokens is longer than max_seq_len={self.cfg.max_seq_len}")
+        self._check_positions(x.shape[1], positions)
         if self.cfg.pos == "learned":
-            x = x + self.hook_pos_embed(self.pos_embed(torch.arange(T, device=x.device)))
+            x = x + self.hook_pos_embed(self.pos_embed(self._position_ids(x.shape[1], x.device, positions)))
         elif self.cfg.pos == "sinusoidal":
-            x = x + self.hook_pos_embed(self.pos_table[:T].to(x.dtype))
+            x = x + self.hook_pos_embed(self.pos_table[self._position_ids(x.shape[1], x.device, positions)].to(x.dtype))
         return self.drop(x)
+
+    def _check_positions(self, T: int, positions: torch.Tensor | None) -> None:
+        bounded = self.cfg.pos in ("learned", "sinusoidal", "rope")
+        if positions is None:
+            if T > self.cfg.max_seq_len and bounded:
+                raise ValueError(f"sequence of {T} tokens is longer than max_seq_len={self.cfg.max_seq_len}")
+            return
+        if positions.shape[-1] != T or positions.dim() not in (1, 2):
+            raise ValueError(f"positions: expected shape (T,) or (B, T) with T={T}, got {tuple(positions.shape)}")
+        if bounded and (int(positions.min()) < 0 or int(positions.max()) >= self.cfg.max_seq_len):
+            raise ValueError(f"positions: expected ids in [0, max_seq_len={self.cfg.max_seq_len}), got "
+                             f"[{int(positions.min())}, {int(positions.max())}]")
+
+    @staticmethod
+    def _position_ids(T: int, device: torch.device, positions: torch.Tensor | None) -> torch.Tensor:
+        return torch.arange(T, device=device) if positions is None else positions.to(device)
 
     def trunk(self, idx: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,
               mask: str | None = None, prefix_len: torch.Tensor | None = None,
-              attn_mask: torch.Tensor | None = None, n_layers: int | None = None) -> torch.Tensor:
-        """The residual stream after the blocks (before the final norm): (B, T, d_model)."""
-        x = self.embed_tokens(idx, embeds)
+              attn_mask: torch.Tensor | None = None, n_layers: int | None = None,
+              positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The residual stream after the blocks (before the final norm): (B, T, d_model).
+
+        positions: optional (T,) or (B, T) position ids for learned / sinusoidal / rope (default 0..T-1).
+        """
+        x = self.embed_tokens(idx, embeds, positions)
         mode = mask or self.cfg.mask
         if attn_mask is not None and mask is None:
             mode = "custom"
         m = build_mask(mode, x.shape[1], x.device, prefix_len, attn_mask)
-        rope = self.rope(x.shape[1])
+        rope = self.rope(x.shape[1], positions)
         for block in self.blocks[:n_layers]:
             x = block(x, mode, m, rope)
         return x
 
-    def rope(self, T: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """RoPE's (cos, sin) tables for T positions, or None when the model does not use RoPE."""
-        return (self.rope_cos[:T], self.rope_sin[:T]) if self.cfg.pos == "rope" else None
+    def rope(self, T: int, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """RoPE's (cos, sin) tables for T positions (or for explicit position ids: (T,) or (B, T)),
+        or None when the model does not use RoPE."""
+        if self.cfg.pos != "rope":
+            return None
+        if positions is None:
+            return self.rope_cos[:T], self.rope_sin[:T]
+        ids = positions.to(self.rope_cos.device)
+        return self.rope_cos[ids], self.rope_sin[ids]
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and unembedding: residual stream -> logits."""
         return self.unembed(self.hook_final(self.ln_final(h)))
 
     def forward(self, idx: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        """Logits (B, T, vocab). kwargs: embeds, mask, prefix_len, attn_mask (see `trunk`)."""
+        """Logits (B, T, vocab). kwargs: embeds, mask, prefix_len, attn_mask, positions (see `trunk`)."""
         return self.head(self.trunk(idx, **kwargs))
 
     # --- hooks -------------------------------------------------------------------

@@ -12,8 +12,8 @@ from lablib.config import ConfigError
 from lablib.runs import create_run, open_run
 from lablib.tasks.causal_axioms import (
     ALPHABET, AnswerLoss, CausalAxiomsConfig, TransitivityBatches, answer, answer_log_probs, ask, branching_dag,
-    build_model, encode_examples, evaluation_sets, is_evaluation_graph, linear_chain, question_prompt,
-    task_tokenizer, train_model, training_examples)
+    build_model, encode_answered, encode_examples, encode_packed, evaluation_sets, is_evaluation_graph, largest_chain, linear_chain, longest_name, question_prompt,
+    task_tokenizer, train_model, training_examples, training_groups)
 
 
 def small_config(**overrides):
@@ -108,7 +108,7 @@ def test_evaluation_graphs_never_appear_in_training():
 
 
 def test_training_batches_are_reproducible_balanced_and_padded():
-    cfg = small_config()
+    cfg = small_config(questions_per_graph=1)
     tok = task_tokenizer()
     source = TransitivityBatches(cfg, tok)
     batch = source.batch(3, 16, seed=7)
@@ -127,6 +127,73 @@ def test_short_chain_fraction_adds_base_cases_to_training_only():
     held_out = training_examples(np.random.default_rng(0), cfg, 64, evaluation=True)
     assert {e.graph.n_nodes for e in train} == {2}
     assert min(e.graph.n_nodes for e in held_out) >= cfg.train_min_nodes
+
+
+@pytest.mark.parametrize("kind", ["char", "paper"])
+@pytest.mark.parametrize("pos", ["none", "learned", "sinusoidal", "rope"])
+def test_packed_questions_score_exactly_like_single_questions(kind, pos):
+    cfg = small_config(tokenizer=kind, pos=pos)
+    tok = task_tokenizer(kind)
+    model = build_model(cfg, tok).eval()
+    groups = training_groups(np.random.default_rng(3), cfg, 5, 4)
+    packed = encode_packed(tok, groups)
+    flat = [e for group in groups for e in group]
+    single = encode_answered(tok, flat)
+    with torch.no_grad():
+        loss_packed, m_packed = AnswerLoss()(model, packed, torch.Generator())
+        loss_single, m_single = AnswerLoss()(model, single, torch.Generator())
+    assert m_packed["tokens_scored"] == m_single["tokens_scored"] == sum(len(tok.encode(e.answer)) for e in flat)
+    assert math.isclose(float(loss_packed), float(loss_single), rel_tol=1e-5)
+    assert m_packed["answer_accuracy"] == m_single["answer_accuracy"]
+
+
+def test_packed_training_batches_hold_balanced_questions_about_one_graph_each():
+    cfg = small_config(questions_per_graph=4, seq_len=240)
+    tok = task_tokenizer()
+    batch = TransitivityBatches(cfg, tok).batch(0, 8, seed=1)
+    assert batch["tokens"].shape == (8, cfg.seq_len + 1) and batch["attn_mask"].shape == (8, 241, 241)
+    answers = [tok.decode(row[mask].tolist()) for row, mask in zip(batch["tokens"], batch["answer_mask"])]
+    assert sum(a.count("Yes") for a in answers) == 16  # 8 graphs x 4 questions, half of them Yes
+    assert sum(a.count("No") for a in answers) == 16
+    text = tok.decode([t for t in batch["tokens"][0].tolist() if t != tok.pad_id])
+    assert text.count("Does") == 4 and text.count("?") == 4
+    # a question never sees another question: rows of the second question hide the first
+    mask = batch["attn_mask"][0]
+    answer_rows = torch.nonzero(batch["answer_mask"][0]).flatten()
+    assert not mask[answer_rows[-1], answer_rows[0]]  # the last answer cannot attend to the first one
+    assert mask[answer_rows[-1], 0]  # but it sees the premises
+
+
+def test_packed_sequences_must_fit_seq_len():
+    with pytest.raises(ConfigError, match="8 questions"):
+        small_config(questions_per_graph=8)
+
+
+def test_curriculum_grows_training_chains_from_two_nodes_and_leaves_evaluation_alone():
+    cfg = small_config(curriculum_fraction=0.5, steps=100)
+    assert [largest_chain(cfg, p) for p in (0.0, 0.09, 0.1, 0.3, 0.49, 0.5, 1.0)] == [2, 2, 3, 5, 6, 6, 6]
+    source = TransitivityBatches(cfg, task_tokenizer())
+    tok = source.tokenizer
+    first = tok.decode([t for t in source.batch(0, 16, seed=0)["tokens"][0].tolist() if t != tok.pad_id])
+    assert first.count("causes") == 1  # a 2-node chain at the start
+    rng = np.random.default_rng(0)
+    assert {e.graph.n_nodes for e in training_examples(rng, cfg, 200, progress=0.0)} == {2}
+    assert {e.graph.n_nodes for e in training_examples(rng, cfg, 200, progress=0.8)} == {3, 4, 5, 6}
+    held_out = training_examples(rng, cfg, 200, evaluation=True, progress=0.0)
+    assert min(e.graph.n_nodes for e in held_out) == cfg.train_min_nodes
+
+
+def test_name_curriculum_starts_with_one_character_names():
+    cfg = small_config(curriculum_fraction=0.6, curriculum_names=True)
+    assert [longest_name(cfg, p) for p in (0.0, 0.19, 0.2, 0.39, 0.4, 0.6, 1.0)] == [1, 1, 2, 2, 3, 3, 3]
+    rng = np.random.default_rng(0)
+    early = training_examples(rng, cfg, 100, progress=0.1)
+    assert {len(name) for e in early for name in e.graph.names} == {1}
+    late = training_examples(rng, cfg, 100, progress=0.9)
+    assert {len(name) for e in late for name in e.graph.names} == {1, 2, 3}
+    held_out = training_examples(rng, cfg, 100, evaluation=True, progress=0.1)
+    assert {len(name) for e in held_out for name in e.graph.names} == {1, 2, 3}
+    assert longest_name(small_config(curriculum_fraction=0.6), 0.0) == 3  # only with curriculum_names
 
 
 def test_char_tokenizer_covers_the_alphabet_without_unknowns():

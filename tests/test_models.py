@@ -138,3 +138,28 @@ def test_parameter_count_and_flops():
     assert model.num_params() == V * d + T * d + L * per_block + 2 * d
     n = model.num_params() - T * d
     assert model.flops_per_token(16) == 6 * n + 12 * L * 2 * 16 * 16
+
+
+@pytest.mark.parametrize("pos", ["learned", "sinusoidal", "rope", "none"])
+def test_explicit_positions_match_the_default_and_shift_with_the_ids(pos):
+    model = make(pos=pos)
+    default = torch.arange(10)
+    with torch.no_grad():
+        assert torch.allclose(model(x), model(x, positions=default), atol=1e-6)
+        assert torch.allclose(model(x), model(x, positions=default[None].expand(1, 10)), atol=1e-6)
+        shifted = model(x[:, 4:], positions=torch.arange(4, 10))  # the suffix at its original positions
+        restarted = model(x[:, 4:])
+    if pos == "none":
+        assert torch.allclose(shifted, restarted, atol=1e-6)
+    elif pos == "rope":  # relative: a causal suffix only sees relative offsets, so the ids do not matter
+        assert torch.allclose(shifted, restarted, atol=1e-5)
+    else:
+        assert not torch.allclose(shifted, restarted, atol=1e-4)
+
+
+def test_out_of_range_positions_are_refused():
+    model = make(pos="learned")
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(x, positions=torch.arange(10) + 10)
+    with pytest.raises(ValueError, match="positions"):
+        model(x, positions=torch.arange(9))

@@ -108,20 +108,22 @@ def is_evaluation_graph(graph: CausalGraph) -> bool:
     return zlib.crc32(graph.key().encode()) % EVAL_SHARE == 0
 
 
-def random_names(rng: np.random.Generator, n: int) -> tuple[str, ...]:
-    """n distinct names of 1-3 alphanumeric characters, none of them Yes / No (redrawn on a clash)."""
+def random_names(rng: np.random.Generator, n: int, longest: int = LONGEST_NAME) -> tuple[str, ...]:
+    """n distinct names of 1-`longest` (default 3) alphanumeric characters, none of them Yes / No
+    (redrawn on a clash)."""
     while True:
-        lengths = rng.integers(1, LONGEST_NAME + 1, n)
+        lengths = rng.integers(1, longest + 1, n)
         chars = rng.integers(0, len(NAME_CHARS), (n, LONGEST_NAME))
         names = tuple("".join(NAME_CHARS[c] for c in row[:k]) for row, k in zip(chars.tolist(), lengths.tolist()))
         if len(set(names)) == n and not set(names) & set(ANSWERS.values()):
             return names
 
 
-def named_graph(rng: np.random.Generator, n_nodes: int, edges: list[tuple[int, int]], evaluation: bool) -> CausalGraph:
+def named_graph(rng: np.random.Generator, n_nodes: int, edges: list[tuple[int, int]], evaluation: bool,
+                longest_name: int = LONGEST_NAME) -> CausalGraph:
     """Name the nodes of `edges`, redrawing names until the graph falls on the wanted side of the split."""
     while True:
-        graph = CausalGraph(random_names(rng, n_nodes), tuple(edges))
+        graph = CausalGraph(random_names(rng, n_nodes, longest_name), tuple(edges))
         if is_evaluation_graph(graph) == evaluation:
             return graph
 
@@ -134,11 +136,11 @@ STATEMENT_ORDERS: dict[str, Callable[[np.random.Generator, list], list]] = {
 
 
 def linear_chain(rng: np.random.Generator, n_nodes: int, flip_prob: float = 0.0, order: str = "chain",
-                 evaluation: bool = False) -> CausalGraph:
+                 evaluation: bool = False, longest_name: int = LONGEST_NAME) -> CausalGraph:
     """Nodes 0 - 1 - ... - n-1 in a line; each edge points forwards, or backwards with flip_prob."""
     flips = rng.random(n_nodes - 1) < flip_prob
     edges = [(i + 1, i) if flip else (i, i + 1) for i, flip in enumerate(flips.tolist())]
-    return named_graph(rng, n_nodes, STATEMENT_ORDERS[order](rng, edges), evaluation)
+    return named_graph(rng, n_nodes, STATEMENT_ORDERS[order](rng, edges), evaluation, longest_name)
 
 
 def branching_dag(rng: np.random.Generator, n_nodes: int, factor: float, evaluation: bool = False) -> CausalGraph:
@@ -199,6 +201,15 @@ class CausalAxiomsConfig(ModelConfig, TrainConfig):
                                                "tokens, names by character, no spaces (the paper's scheme)")
     train_min_nodes: int = knob(3, "fewest nodes in a training chain", min=2)
     train_max_nodes: int = knob(6, "most nodes in a training chain", min=2)
+    questions_per_graph: int = knob(1, "training questions asked about each graph in one sequence: the premises "
+                                    "once, then every question with its answer, each question attending only to "
+                                    "the premises and itself at the positions it would have alone (so each is "
+                                    "exactly a one-question example, at a fraction of the compute)", min=1)
+    curriculum_fraction: float = knob(0.0, "share of training over which the largest training chain grows "
+                                      "linearly from 2 nodes to train_max_nodes (0: the paper's sizes from the "
+                                      "first step); evaluation never changes", min=0.0, max=1.0)
+    curriculum_names: bool = knob(False, "names grow with the curriculum too: 1 character in its first third, "
+                                  "up to 2 in the second, up to 3 (the paper's) afterwards")
     short_chain_fraction: float = knob(0.0, "share of training questions asked about 2-node chains (the axiom's base "
                                        "case 'A causes B. Does A cause B?'); evaluation never uses them", min=0.0, max=1.0)
     flip_prob: float = knob(0.5, "chance that an edge of a training (and `chain` eval) chain points backwards",
@@ -221,14 +232,17 @@ class CausalAxiomsConfig(ModelConfig, TrainConfig):
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # seconds: plumbing only
         "smoke": dict(n_layer=1, n_head=2, d_model=32, steps=20, batch_size=16, warmup_steps=2,
+                      questions_per_graph=2, curriculum_fraction=0.5, seq_len=130,
                       eval_examples=8, eval_chain_lengths=[7, 20], reversed_lengths=[4], branching_nodes=[5, 12],
                       eval_every=10, eval_batches=1, log_every=5, checkpoint_every=10, accuracy_every=10),
-        # minutes on 2 cores. The paper's tokenizer makes every sequence ~2.5x shorter than characters
-        # (50 tokens for the longest training chain, 202 for a 12-node graph with 24 statements), so a
-        # run of 3000 steps costs ~0.08 CPU-s per step and the 12-run sweep fits ~25 minutes.
-        "cpu": dict(tokenizer="paper", seq_len=50, max_seq_len=208, n_layer=4, n_head=4, d_model=64, steps=3000,
-                    batch_size=32, warmup_steps=50, learning_rate=3e-3, eval_every=250, eval_batches=2,
-                    log_every=50, checkpoint_every=1000, accuracy_every=250),
+        # ~10 minutes per run on one core of a 2-core machine (two runs side by side, ~0.2 s per step):
+        # the paper's tokenizer (50 tokens for the longest training chain, 202 for a 12-node graph
+        # with 24 statements), 8 questions packed per graph (256 answers per step for ~2.4x the
+        # tokens of 32 single questions) and a curriculum from 2-node chains up to 6 over the first
+        # 40% of training; without the last two the model stays at chance for 3000 steps.
+        "cpu": dict(tokenizer="paper", seq_len=120, max_seq_len=208, questions_per_graph=8, curriculum_fraction=0.4,
+                    n_layer=4, n_head=4, d_model=64, steps=2500, batch_size=32, warmup_steps=50, learning_rate=3e-3,
+                    eval_every=250, eval_batches=2, log_every=50, checkpoint_every=500, accuracy_every=250),
         # the paper's shape (12 layers, width 512, 8 heads) at a GPU's budget
         "gpu": dict(tokenizer="paper", seq_len=50, max_seq_len=208, n_layer=12, n_head=8, d_model=512, steps=20000,
                     batch_size=128, warmup_steps=1000, learning_rate=3e-4, eval_examples=500, eval_every=1000,
@@ -251,10 +265,11 @@ class CausalAxiomsConfig(ModelConfig, TrainConfig):
         if bad_factors:
             raise ConfigError(f"parameter 'branching_factors': expected positive numbers, got {self.branching_factors}")
         tokenizer = task_tokenizer(self.tokenizer)
-        need_train = longest_tokens(tokenizer, self.train_max_nodes - 1)
+        need_train = longest_tokens(tokenizer, self.train_max_nodes - 1, self.questions_per_graph)
         if self.seq_len + 1 < need_train:
+            what = "its answer" if self.questions_per_graph == 1 else f"{self.questions_per_graph} questions with answers"
             raise ConfigError(f"parameter 'seq_len': expected at least {need_train - 1} (the longest "
-                              f"{self.train_max_nodes}-node chain and its answer), got {self.seq_len}")
+                              f"{self.train_max_nodes}-node chain and {what}), got {self.seq_len}")
         need_eval = max(need_train, *(longest_tokens(tokenizer, n_edges) for n_edges in evaluation_edge_counts(self)))
         if self.max_seq_len < need_eval:
             raise ConfigError(f"parameter 'max_seq_len': expected at least {need_eval} (the longest evaluation "
@@ -327,26 +342,56 @@ def task_tokenizer(kind: str = "char") -> Tokenizer:
     return TOKENIZERS[kind]()
 
 
-def longest_tokens(tokenizer: Tokenizer, n_edges: int) -> int:
-    """Tokens of the longest prompt + answer with n_edges statements (all names 3 characters long)."""
+def longest_tokens(tokenizer: Tokenizer, n_edges: int, questions: int = 1) -> int:
+    """Tokens of the longest prompt + answer with n_edges statements (all names 3 characters long),
+    or of the longest packed sequence of `questions` questions with their answers."""
     name = "x" * LONGEST_NAME
     premises = " ".join([f"{name} causes {name}."] * n_edges)
-    return max(len(tokenizer.encode(question_prompt(premises, name, name) + word)) for word in ANSWERS.values())
+    one = max(len(tokenizer.encode(question_prompt(premises, name, name) + word)) for word in ANSWERS.values())
+    return one + (questions - 1) * (one - len(tokenizer.encode(premises)))
 
 
-def training_chain(rng: np.random.Generator, cfg: CausalAxiomsConfig, n_nodes: int, evaluation: bool) -> CausalGraph:
+def training_chain(rng: np.random.Generator, cfg: CausalAxiomsConfig, n_nodes: int, evaluation: bool,
+                   longest_name: int = LONGEST_NAME) -> CausalGraph:
     """A chain from the training distribution: flipped edges, statements shuffled with shuffle_prob."""
     order = "shuffled" if rng.random() < cfg.shuffle_prob else "chain"
-    return linear_chain(rng, n_nodes, cfg.flip_prob, order, evaluation)
+    return linear_chain(rng, n_nodes, cfg.flip_prob, order, evaluation, longest_name)
 
 
-def training_examples(rng: np.random.Generator, cfg: CausalAxiomsConfig, n: int, evaluation: bool = False) -> list[Example]:
-    """n questions from the training distribution (from the evaluation share when evaluation=True)."""
-    sizes = rng.integers(cfg.train_min_nodes, cfg.train_max_nodes + 1, n)
-    if cfg.short_chain_fraction and not evaluation:  # base-case demonstrations in the training stream only
+def largest_chain(cfg: CausalAxiomsConfig, progress: float | None) -> int:
+    """The largest training chain at `progress` (0..1 of training) under the curriculum."""
+    if progress is None or cfg.curriculum_fraction == 0 or progress >= cfg.curriculum_fraction:
+        return cfg.train_max_nodes
+    return min(cfg.train_max_nodes, 2 + int((cfg.train_max_nodes - 1) * progress / cfg.curriculum_fraction))
+
+
+def longest_name(cfg: CausalAxiomsConfig, progress: float | None) -> int:
+    """The longest training name at `progress`: with curriculum_names, 1 character in the first
+    third of the curriculum, 2 in the second, 3 (the paper's) afterwards."""
+    if progress is None or not cfg.curriculum_names or progress >= cfg.curriculum_fraction:
+        return LONGEST_NAME
+    return min(LONGEST_NAME, 1 + int(LONGEST_NAME * progress / cfg.curriculum_fraction))
+
+
+def chain_sizes(rng: np.random.Generator, cfg: CausalAxiomsConfig, n: int, evaluation: bool,
+                progress: float | None = None) -> np.ndarray:
+    """Nodes of n training chains: uniform over train_min..train_max_nodes (capped, and the floor
+    lowered with it, by the curriculum at `progress`), some swapped for 2-node base cases."""
+    if evaluation:
+        return rng.integers(cfg.train_min_nodes, cfg.train_max_nodes + 1, n)
+    top = largest_chain(cfg, progress)
+    sizes = rng.integers(min(cfg.train_min_nodes, top), top + 1, n)
+    if cfg.short_chain_fraction:  # base-case demonstrations in the training stream only
         sizes = np.where(rng.random(n) < cfg.short_chain_fraction, 2, sizes)
-    sizes = sizes.tolist()
-    return [ask(rng, training_chain(rng, cfg, size, evaluation), bool(label))
+    return sizes
+
+
+def training_examples(rng: np.random.Generator, cfg: CausalAxiomsConfig, n: int, evaluation: bool = False,
+                      progress: float | None = None) -> list[Example]:
+    """n questions from the training distribution (from the evaluation share when evaluation=True)."""
+    sizes = chain_sizes(rng, cfg, n, evaluation, progress).tolist()
+    longest = LONGEST_NAME if evaluation else longest_name(cfg, progress)
+    return [ask(rng, training_chain(rng, cfg, size, evaluation, longest), bool(label))
             for size, label in zip(sizes, balanced_labels(rng, n).tolist())]
 
 
@@ -371,16 +416,89 @@ def encode_answered(tokenizer: Tokenizer, examples: list[Example], length: int |
                            [len(tokenizer.encode(e.answer)) for e in examples], length)
 
 
+def training_groups(rng: np.random.Generator, cfg: CausalAxiomsConfig, n_graphs: int, questions: int,
+                    progress: float | None = None) -> list[list[Example]]:
+    """n_graphs training graphs with `questions` questions each; exactly half of all the answers are Yes."""
+    sizes = chain_sizes(rng, cfg, n_graphs, False, progress)
+    labels = balanced_labels(rng, n_graphs * questions).reshape(n_graphs, questions).tolist()
+    groups = []
+    longest = longest_name(cfg, progress)
+    for size, row in zip(sizes.tolist(), labels):
+        graph = training_chain(rng, cfg, size, evaluation=False, longest_name=longest)
+        groups.append([ask(rng, graph, bool(label)) for label in row])
+    return groups
+
+
+def encode_packed(tokenizer: Tokenizer, groups: list[list[Example]], length: int | None = None) -> dict[str, torch.Tensor]:
+    """One row per group of questions about one graph: its premises once, then each question and answer.
+
+    Beside `tokens` and `answer_mask` (as in `encode_examples`) the batch holds `attn_mask`
+    (B, T, T), where a question's tokens see the premises and the earlier tokens of their own
+    question only, and `positions` (B, T), where every question starts right after the
+    premises: each question is computed exactly as if it were the only one.
+    """
+    rows = []
+    for group in groups:
+        premises = tokenizer.encode(group[0].graph.premises())
+        segments = [premises]
+        for e in group:
+            if e.graph is not group[0].graph:
+                raise ValueError("encode_packed: every question of a group must be about the same graph")
+            whole = tokenizer.encode(e.prompt + e.answer)
+            if whole[:len(premises)] != premises:
+                raise ValueError("encode_packed: the tokenizer does not split the premises from the question")
+            segments.append(whole[len(premises):])
+        rows.append((segments, [len(tokenizer.encode(e.answer)) for e in group]))
+    longest = max(sum(len(seg) for seg in segs) for segs, _ in rows)
+    length = length or longest
+    if longest > length:
+        raise ValueError(f"a packed example has {longest} tokens, more than the padded length {length}")
+    B = len(rows)
+    tokens = torch.full((B, length), tokenizer.pad_id, dtype=torch.long)
+    answer_mask = torch.zeros((B, length), dtype=torch.bool)
+    segment = torch.full((B, length), -1, dtype=torch.long)  # 0: premises, j: question j, -1: padding
+    positions = torch.zeros((B, length), dtype=torch.long)
+    for row, (segs, answer_lengths) in enumerate(rows):
+        start = 0
+        for j, seg in enumerate(segs):
+            end = start + len(seg)
+            tokens[row, start:end] = torch.tensor(seg)
+            segment[row, start:end] = j
+            offset = 0 if j == 0 else len(segs[0])  # questions continue from the end of the premises
+            positions[row, start:end] = torch.arange(offset, offset + len(seg))
+            if j:
+                answer_mask[row, end - answer_lengths[j - 1]:end] = True
+            start = end
+        positions[row, start:] = torch.arange(length - start) % max(1, length)  # padding: never scored
+    idx = torch.arange(length)
+    causal = idx[None, :] <= idx[:, None]
+    key, query = segment[:, None, :], segment[:, :, None]
+    attn_mask = causal[None] & ((key == 0) | (key == query))
+    attn_mask |= torch.eye(length, dtype=torch.bool)[None]  # every row attends somewhere (padding included)
+    return {"tokens": tokens, "answer_mask": answer_mask, "attn_mask": attn_mask, "positions": positions}
+
+
 @dataclass
 class TransitivityBatches:
-    """Fresh training questions: micro-batch `index` is a pure function of (seed, index)."""
+    """Fresh training questions: micro-batch `index` is a pure function of (seed, index).
+
+    With questions_per_graph > 1 a row packs that many questions about one graph (`encode_packed`).
+    The curriculum reads training progress as index / (steps x micro-batches per step) of one process.
+    """
 
     cfg: CausalAxiomsConfig
     tokenizer: Tokenizer
 
     def batch(self, index: int, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
+        from lablib.train import grad_accum_steps
+
         rng = np.random.default_rng([seed, index])
-        return encode_answered(self.tokenizer, training_examples(rng, self.cfg, batch_size), self.cfg.seq_len + 1)
+        progress = index / (self.cfg.steps * grad_accum_steps(self.cfg))
+        if self.cfg.questions_per_graph == 1:
+            return encode_answered(self.tokenizer, training_examples(rng, self.cfg, batch_size, progress=progress),
+                                   self.cfg.seq_len + 1)
+        groups = training_groups(rng, self.cfg, batch_size, self.cfg.questions_per_graph, progress)
+        return encode_packed(self.tokenizer, groups, self.cfg.seq_len + 1)
 
 
 @dataclass
@@ -391,7 +509,11 @@ class AnswerLoss:
 
     def __call__(self, model, batch, generator):
         tokens, answer = batch["tokens"], batch["answer_mask"]
-        logits = model(tokens[:, :-1], mask="causal")
+        if "attn_mask" in batch:  # packed questions (encode_packed)
+            logits = model(tokens[:, :-1], attn_mask=batch["attn_mask"][:, :-1, :-1],
+                           positions=batch["positions"][:, :-1])
+        else:
+            logits = model(tokens[:, :-1], mask="causal")
         labels = tokens[:, 1:].masked_fill(~answer[:, 1:], IGNORE)  # input position i predicts token i+1
         loss, n = token_cross_entropy(logits, labels)
         first = answer[:, 1:] & ~answer[:, :-1]  # the position that decides Yes or No

@@ -18,15 +18,17 @@ Notable here:
   shuffled with probability `shuffle_prob`; per batch exactly half the questions are `Yes`,
   and questions are drawn uniformly over all ordered pairs with the wanted label (direct
   edges, multi-hop paths, reversed pairs, unconnected pairs).
-- `short_chain_fraction` (default 0, so the paper's data) swaps that share of training
-  questions for 2-node chains, the axiom's base case "A causes B. Does A cause B?"; only the
-  training stream uses it (the in-distribution probe and every evaluation set stay as above).
-  A departure from the paper, kept as a knob because the `cpu`-size model sits on a long
-  chance-level plateau on 3-6 node chains: measured on one CPU thread each, 3000 steps, rope,
-  seed 0, only 0.4 began to leave the plateau (in-distribution set 0.66, held-out probe 0.70
-  and rising at the end; 7-10 node chains 0.53); 0, 0.2, 0.5 and 0.6 stayed at chance, as
-  did none / sinusoidal / learned at 0.2 and 0.5, lr 1e-3, no weight decay, 300 warm-up
-  steps and d_model 128 with 2 layers. Not a reliable fix, so no preset turns it on.
+- Two training-side departures from the paper, both knobs that never touch evaluation, and
+  both on in the `cpu` preset because without them the `cpu`-size model sits at chance:
+  `questions_per_graph` packs several questions about one graph into one sequence (the
+  premises once, then each question and its answer; `encode_packed` gives each question a
+  block attention mask and the positions it would have alone, so its answer is computed
+  exactly as in a one-question example, at a fraction of the tokens), and
+  `curriculum_fraction` grows the largest training chain from 2 nodes (the axiom's base case
+  "A causes B. Does A cause B?") to `train_max_nodes` over that share of training, with
+  `curriculum_names` growing names from 1 character to 3 along with it. `short_chain_fraction`
+  instead mixes a fixed share of 2-node chains in throughout (measured: slower than the
+  curriculum; off in every preset).
 - Evaluation sets, each with exactly `eval_examples` questions per size, half `Yes`:
   `in_distribution` (training's distribution, 3-6 nodes), `chain` (7-15 and 20 nodes, edges
   flipped as in training, statements in chain order: the paper's longer chains),
@@ -235,14 +237,17 @@ class CausalAxiomsConfig(ModelConfig, TrainConfig):
                       questions_per_graph=2, curriculum_fraction=0.5, seq_len=130,
                       eval_examples=8, eval_chain_lengths=[7, 20], reversed_lengths=[4], branching_nodes=[5, 12],
                       eval_every=10, eval_batches=1, log_every=5, checkpoint_every=10, accuracy_every=10),
-        # ~10 minutes per run on one core of a 2-core machine (two runs side by side, ~0.2 s per step):
+        # ~11 minutes per run on one core of a 2-core machine (two runs side by side, ~0.2 s per step):
         # the paper's tokenizer (50 tokens for the longest training chain, 202 for a 12-node graph
         # with 24 statements), 8 questions packed per graph (256 answers per step for ~2.4x the
-        # tokens of 32 single questions) and a curriculum from 2-node chains up to 6 over the first
-        # 40% of training; without the last two the model stays at chance for 3000 steps.
+        # tokens of 32 single questions) and a curriculum over the first 40% of training, chains
+        # from 2 nodes up to 6 and names from 1 character up to 3. Measured with RoPE, seed 0:
+        # without packing and curriculum the model stays at chance for 3000 steps; with both,
+        # 0.78 in distribution; with the name curriculum too, 0.91.
         "cpu": dict(tokenizer="paper", seq_len=120, max_seq_len=208, questions_per_graph=8, curriculum_fraction=0.4,
-                    n_layer=4, n_head=4, d_model=64, steps=2500, batch_size=32, warmup_steps=50, learning_rate=3e-3,
-                    eval_every=250, eval_batches=2, log_every=50, checkpoint_every=500, accuracy_every=250),
+                    curriculum_names=True, n_layer=4, n_head=4, d_model=64, steps=3000, batch_size=32,
+                    warmup_steps=50, learning_rate=3e-3, eval_every=250, eval_batches=2, log_every=50,
+                    checkpoint_every=500, accuracy_every=250),
         # the paper's shape (12 layers, width 512, 8 heads) at a GPU's budget
         "gpu": dict(tokenizer="paper", seq_len=50, max_seq_len=208, n_layer=12, n_head=8, d_model=512, steps=20000,
                     batch_size=128, warmup_steps=1000, learning_rate=3e-4, eval_examples=500, eval_every=1000,

@@ -235,6 +235,8 @@ def test_config_refuses_a_model_too_short_for_the_evaluation_graphs():
         small_config(eval_examples=7)
     with pytest.raises(ConfigError, match="seq_len"):
         small_config(seq_len=50)
+    with pytest.raises(ConfigError, match="at most max_seq_len"):
+        small_config(seq_len=500)
 
 
 def test_trained_model_reloads_from_its_run_folder(tmp_path):

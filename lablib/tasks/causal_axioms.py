@@ -398,10 +398,7 @@ def chain_sizes(rng: np.random.Generator, cfg: CausalAxiomsConfig, n: int, evalu
 def training_examples(rng: np.random.Generator, cfg: CausalAxiomsConfig, n: int, evaluation: bool = False,
                       progress: float | None = None) -> list[Example]:
     """n questions from the training distribution (from the evaluation share when evaluation=True)."""
-    sizes = chain_sizes(rng, cfg, n, evaluation, progress).tolist()
-    longest = LONGEST_NAME if evaluation else longest_name(cfg, progress)
-    return [ask(rng, training_chain(rng, cfg, size, evaluation, longest), bool(label))
-            for size, label in zip(sizes, balanced_labels(rng, n).tolist())]
+    return [group[0] for group in training_groups(rng, cfg, n, 1, progress, evaluation)]
 
 
 def encode_examples(tokenizer: Tokenizer, texts: list[str], answer_lengths: list[int],
@@ -426,14 +423,15 @@ def encode_answered(tokenizer: Tokenizer, examples: list[Example], length: int |
 
 
 def training_groups(rng: np.random.Generator, cfg: CausalAxiomsConfig, n_graphs: int, questions: int,
-                    progress: float | None = None) -> list[list[Example]]:
-    """n_graphs training graphs with `questions` questions each; exactly half of all the answers are Yes."""
-    sizes = chain_sizes(rng, cfg, n_graphs, False, progress)
+                    progress: float | None = None, evaluation: bool = False) -> list[list[Example]]:
+    """n_graphs graphs from the training distribution (from the evaluation share when
+    evaluation=True) with `questions` questions each; exactly half of all the answers are Yes."""
+    sizes = chain_sizes(rng, cfg, n_graphs, evaluation, progress).tolist()
     labels = balanced_labels(rng, n_graphs * questions).reshape(n_graphs, questions).tolist()
+    longest = LONGEST_NAME if evaluation else longest_name(cfg, progress)
     groups = []
-    longest = longest_name(cfg, progress)
-    for size, row in zip(sizes.tolist(), labels):
-        graph = training_chain(rng, cfg, size, evaluation=False, longest_name=longest)
+    for size, row in zip(sizes, labels):
+        graph = training_chain(rng, cfg, size, evaluation, longest)
         groups.append([ask(rng, graph, bool(label)) for label in row])
     return groups
 
@@ -446,39 +444,32 @@ def encode_packed(tokenizer: Tokenizer, groups: list[list[Example]], length: int
     question only, and `positions` (B, T), where every question starts right after the
     premises: each question is computed exactly as if it were the only one.
     """
-    rows = []
+    rows = []  # per row: token ids, segment ids (0: premises, j: question j), position ids, answer flags
     for group in groups:
+        if any(e.graph is not group[0].graph for e in group):
+            raise ValueError("encode_packed: every question of a group must be about the same graph")
         premises = tokenizer.encode(group[0].graph.premises())
-        segments = [premises]
-        for e in group:
-            if e.graph is not group[0].graph:
-                raise ValueError("encode_packed: every question of a group must be about the same graph")
-            whole = tokenizer.encode(e.prompt + e.answer)
+        ids, segment, positions, answer = list(premises), [0] * len(premises), list(range(len(premises))), \
+            [False] * len(premises)
+        for j, (e, whole) in enumerate(zip(group, tokenizer.encode_batch([e.prompt + e.answer for e in group])), 1):
             if whole[:len(premises)] != premises:
                 raise ValueError("encode_packed: the tokenizer does not split the premises from the question")
-            segments.append(whole[len(premises):])
-        rows.append((segments, [len(tokenizer.encode(e.answer)) for e in group]))
-    longest = max(sum(len(seg) for seg in segs) for segs, _ in rows)
+            question = whole[len(premises):]
+            n_answer = len(tokenizer.encode(e.answer))
+            ids += question
+            segment += [j] * len(question)
+            positions += range(len(premises), len(whole))  # as if the question followed the premises alone
+            answer += [False] * (len(question) - n_answer) + [True] * n_answer
+        rows.append((ids, segment, positions, answer))
+    longest = max(len(ids) for ids, *_ in rows)
     length = length or longest
     if longest > length:
         raise ValueError(f"a packed example has {longest} tokens, more than the padded length {length}")
-    B = len(rows)
-    tokens = torch.full((B, length), tokenizer.pad_id, dtype=torch.long)
-    answer_mask = torch.zeros((B, length), dtype=torch.bool)
-    segment = torch.full((B, length), -1, dtype=torch.long)  # 0: premises, j: question j, -1: padding
-    positions = torch.zeros((B, length), dtype=torch.long)
-    for row, (segs, answer_lengths) in enumerate(rows):
-        start = 0
-        for j, seg in enumerate(segs):
-            end = start + len(seg)
-            tokens[row, start:end] = torch.tensor(seg)
-            segment[row, start:end] = j
-            offset = 0 if j == 0 else len(segs[0])  # questions continue from the end of the premises
-            positions[row, start:end] = torch.arange(offset, offset + len(seg))
-            if j:
-                answer_mask[row, end - answer_lengths[j - 1]:end] = True
-            start = end
-        positions[row, start:] = torch.arange(length - start)  # padding: never scored
+    pad = [length - len(ids) for ids, *_ in rows]  # padding: segment -1, never scored
+    tokens = torch.tensor([r[0] + [tokenizer.pad_id] * k for r, k in zip(rows, pad)])
+    segment = torch.tensor([r[1] + [-1] * k for r, k in zip(rows, pad)])
+    positions = torch.tensor([r[2] + list(range(k)) for r, k in zip(rows, pad)])
+    answer_mask = torch.tensor([r[3] + [False] * k for r, k in zip(rows, pad)])
     idx = torch.arange(length)
     causal = idx[None, :] <= idx[:, None]
     key, query = segment[:, None, :], segment[:, :, None]

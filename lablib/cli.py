@@ -7,13 +7,17 @@
 
 A bad parameter is refused before any work: one line naming it, what was expected
 and what was given, exit status 2. A failed cell is one line too (which cell, why),
-exit status 1.
+exit status 1. Ctrl-C or SIGTERM stops the notebook (and a sweep's running points) with
+exit status 130 or 143; the checkpoints stay, and `--resume RUN_DIR` (or the same sweep
+again) carries on.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from lablib.config import ConfigError, default_preset
@@ -51,6 +55,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"lablib: running {info.path.name} (preset {preset}) into {run_dir}", file=sys.stderr)
     try:
         execute(info, run_dir, preset, cell, overrides, progress=not args.quiet)
+    except KeyboardInterrupt:
+        if (run_dir / "params.json").is_file() and Run(run_dir).status.get("status") == "running":
+            Run(run_dir).set_status("stopped", error="interrupted")
+        print(f"lablib: interrupted; `lablib run {args.notebook} --resume {run_dir}` carries on", file=sys.stderr)
+        raise
     except NotebookFailed as e:
         if (run_dir / "params.json").is_file():
             Run(run_dir).set_status("failed", error=str(e))
@@ -134,13 +143,29 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so it unwinds like Ctrl-C: papermill interrupts
+    the kernel (a sweep then stops its running points) instead of orphaning it."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"lablib: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt as e:
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ Notable here:
   checkpoints.
 - A failing point is recorded (status.json, and the `error` column) and the sweep
   goes on.
+- Each point runs in its own process group: interrupting the sweep stops the running
+  points (their kernels included) and starts no more; they resume on the next run.
 - CPU threads are split between the parallel jobs so they do not fight.
 - The result is a table (pandas DataFrame, also written as `sweep.csv`) of every
   point's parameters, status and numeric `results.json` entries.
@@ -19,8 +21,11 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -44,13 +49,74 @@ def point_name(point: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9=,._-]", "_", text) or "default"
 
 
-def sweep_name(grid: dict[str, list[Any]], preset: str, params: dict[str, Any]) -> str:
-    """A stable name for the same sweep, so a restart finds its earlier points."""
-    key = json.dumps({"grid": grid, "preset": preset, "params": params}, sort_keys=True, default=str)
+def sweep_name(grid: dict[str, list[Any]], preset: str, params: dict[str, Any],
+               resolved: dict[str, Any] | None = None) -> str:
+    """A stable name for the same sweep, so a restart finds its earlier points.
+
+    `resolved` (the preset's values with `params` applied) is part of the key, so editing a
+    preset starts a new sweep instead of reusing runs made with the old values.
+    """
+    key = json.dumps({"grid": grid, "preset": preset, "params": params, "resolved": resolved},
+                     sort_keys=True, default=str)
     return f"sweep-{preset}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
-def _run_point(notebook: Path, folder: Path, preset: str, params: dict[str, Any], threads: int) -> dict[str, Any]:
+class _Points:
+    """The sweep's running points. Each is a `lablib run` in its own process group, so stopping
+    the sweep (Ctrl-C, a kernel interrupt, SIGTERM) stops every point with the kernel it
+    started, and no new point starts. Stopped points keep their checkpoints and resume when
+    the sweep is run again."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running: set[subprocess.Popen] = set()
+        self.stopping = False
+
+    def start(self, cmd: list[str], env: dict[str, str]) -> subprocess.Popen | None:
+        with self.lock:
+            if self.stopping:
+                return None
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                    start_new_session=True)
+            self.running.add(proc)
+            return proc
+
+    def finished(self, proc: subprocess.Popen) -> None:
+        with self.lock:
+            self.running.discard(proc)
+
+    def stop(self, grace: float = 10.0) -> None:
+        with self.lock:
+            self.stopping = True
+            procs = list(self.running)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for proc in procs:
+                try:
+                    os.killpg(proc.pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            deadline = time.monotonic() + grace
+            for proc in procs:
+                try:
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+            procs = [proc for proc in procs if proc.poll() is None]
+            if not procs:
+                return
+
+
+def _mark(folder: Path, status: str, error: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / "params.json").is_file():
+        Run(folder).set_status(status, error=error)
+    else:
+        atomic_write_json(folder / "status.json", {"status": status, "error": error})
+
+
+def _run_point(notebook: Path, folder: Path, preset: str, params: dict[str, Any], threads: int,
+               points: _Points | None = None) -> dict[str, Any]:
+    points = points or _Points()
     run_exists = (folder / "params.json").is_file()
     cmd = [sys.executable, "-m", "lablib.cli", "run", str(notebook), "--preset", preset, "--quiet"]
     if run_exists:
@@ -60,23 +126,37 @@ def _run_point(notebook: Path, folder: Path, preset: str, params: dict[str, Any]
         for name, value in params.items():
             cmd += ["-p", name, json.dumps(value)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "LABLIB_NUM_THREADS": str(threads)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    error = None
-    if proc.returncode != 0:
-        lines = [line for line in (proc.stderr or proc.stdout).strip().splitlines() if line.strip()]
-        error = lines[-1] if lines else f"exit status {proc.returncode}"
-        folder.mkdir(parents=True, exist_ok=True)
-        if (folder / "params.json").is_file():
-            Run(folder).set_status("failed", error=error)
-        else:
-            atomic_write_json(folder / "status.json", {"status": "failed", "error": error})
+    proc = points.start(cmd, env)
+    if proc is None:
+        return {"error": "the sweep was stopped before this point started"}
+    try:
+        stdout, stderr = proc.communicate()
+    finally:
+        points.finished(proc)
+    if proc.returncode == 0:
+        return {"error": None}
+    if points.stopping:
+        error = "stopped with the sweep; running the sweep again resumes it from its last checkpoint"
+        _mark(folder, "stopped", error)
+        return {"error": error}
+    lines = [line for line in (stderr or stdout).strip().splitlines() if line.strip()]
+    error = lines[-1] if lines else f"exit status {proc.returncode}"
+    _mark(folder, "failed", error)
     return {"error": error}
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def run_sweep(notebook: str | Path, grid: dict[str, list[Any]], *, preset: str | None = None,
               params: dict[str, Any] | None = None, jobs: int | None = None, name: str | None = None,
               root: Path | None = None, progress: bool = True):
-    """Run `notebook` at every point of `grid` (with fixed `params`); returns the table of runs."""
+    """Run `notebook` at every point of `grid` (with fixed `params`); returns the table of runs.
+
+    Interrupting it (Ctrl-C, the kernel's interrupt, SIGTERM) stops the running points and
+    starts no others; running it again skips the finished points and resumes the rest.
+    """
     import pandas as pd
     from tqdm.auto import tqdm
 
@@ -87,25 +167,38 @@ def run_sweep(notebook: str | Path, grid: dict[str, list[Any]], *, preset: str |
     points = grid_points(grid)
     for point in points:  # every point is checked before the first one starts
         check_params(info, preset, {**params, **point})
-    name = name or sweep_name(grid, preset, params)
+    fields = info.config_cls.fields_by_name()
+    resolved = info.config_cls.resolve(preset, **{k: v for k, v in params.items() if k in fields}).to_dict()
+    name = name or sweep_name(grid, preset, params, resolved)
     folder = Path(root or runs_root()) / info.experiment / name
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / "sweep.json", {"notebook": str(notebook), "grid": grid, "preset": preset,
                                               "params": params, "points": [point_name(p) for p in points]})
     jobs = jobs or max(1, min(len(points), (os.cpu_count() or 1) // 2))
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    running = _Points()
 
     def work(point: dict[str, Any]) -> dict[str, Any]:
         run_folder = folder / point_name(point)
         done = (run_folder / "results.json").is_file() and Run(run_folder).status.get("status") == "done"
-        outcome = {"error": None, "skipped": True} if done else {**_run_point(notebook, run_folder, preset,
-                                                                              {**params, **point}, threads), "skipped": False}
+        outcome = {"error": None, "skipped": True} if done else {
+            **_run_point(notebook, run_folder, preset, {**params, **point}, threads, running), "skipped": False}
         return {"point": point_name(point), **point, **outcome, "run_dir": str(run_folder)}
 
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if main_thread else None
+    pool = ThreadPoolExecutor(jobs)
     rows = []
-    with ThreadPoolExecutor(jobs) as pool:
+    try:
         for row in tqdm(pool.map(work, points), total=len(points), desc=f"sweep {info.experiment}", disable=not progress):
             rows.append(row)
+    except BaseException:
+        running.stop()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     table = sweep_table(folder, rows)
     table.to_csv(folder / "sweep.csv", index=False)
     return table

@@ -95,3 +95,80 @@ def test_sweep_keeps_going_past_a_failure_and_skips_finished_runs_when_restarted
     assert second.returncode == 1
     assert all((p / "results.json").stat().st_mtime == t for p, t in stamps.items())  # not re-run
     assert "skipped" in (folder / "sweep.csv").read_text().splitlines()[0]
+
+
+def test_a_sweep_restarted_after_its_preset_changed_starts_afresh(isolated_runs, monkeypatch):
+    """Finished points are only reused when the preset still resolves to the same values."""
+    from lablib import sweep
+    from lablib.notebooks import inspect
+
+    started = []
+    monkeypatch.setattr(sweep, "_run_point", lambda notebook, folder, *a: started.append(folder) or {"error": None})
+    grid = {"seed": [0]}
+    sweep.run_sweep(QUICKSTART, grid, preset="smoke", progress=False)
+    sweep.run_sweep(QUICKSTART, grid, preset="smoke", progress=False)
+    assert started[0] == started[1]  # same preset values: the same sweep folder
+    presets = inspect(QUICKSTART).config_cls.presets
+    monkeypatch.setitem(presets, "smoke", {**presets["smoke"], "steps": presets["smoke"].get("steps", 20) + 1})
+    sweep.run_sweep(QUICKSTART, grid, preset="smoke", progress=False)
+    assert started[2].parent != started[0].parent
+    assert started[2].name == started[0].name  # the point keeps its name inside the new sweep folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "State:\tZ" not in state  # a zombie has already exited
+
+
+def _wait_for_checkpoints(folders, seconds=240):
+    deadline = time.time() + seconds
+    while time.time() < deadline and not all((p / "checkpoints").is_dir() and open_run(p).checkpoints()
+                                              for p in folders):
+        time.sleep(0.2)
+
+
+def test_interrupting_a_sweep_stops_its_running_points_and_starts_no_more(isolated_runs):
+    code = ("import sys; from lablib.sweep import run_sweep; run_sweep(sys.argv[1], {'seed': [0, 1, 2]}, "
+            "preset='smoke', params={'steps': 5000, 'checkpoint_every': 20, 'sample_tokens': 5}, jobs=2, "
+            "name='s', progress=False)")
+    sweep = subprocess.Popen([sys.executable, "-c", code, QUICKSTART], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    folder = isolated_runs / "quickstart" / "s"
+    started = [folder / "seed=0", folder / "seed=1"]
+    _wait_for_checkpoints(started)
+    kernels = [json.loads((p / "status.json").read_text())["pid"] for p in started]
+    assert all(_alive(pid) for pid in kernels)
+    sweep.send_signal(signal.SIGINT)  # the sweep process alone, as the kernel's interrupt does
+    assert sweep.wait(timeout=60) != 0
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(pid) for pid in kernels):
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in kernels)  # each point's kernel stopped with it
+    assert [open_run(p).status["status"] for p in started] == ["stopped", "stopped"]
+    assert not (folder / "seed=2" / "params.json").exists()  # the queued point never started
+
+
+def test_sigterm_to_lablib_run_of_a_sweep_notebook_stops_every_point_and_says_how_to_resume(isolated_runs):
+    notebook = str(REPO / "notebooks" / "03_causal_axioms.ipynb")  # a driver: one point per (encoding, seed)
+    proc = subprocess.Popen([sys.executable, "-m", "lablib.cli", "run", notebook, "--preset", "smoke", "-p", "steps",
+                             "5000", "-p", "checkpoint_every", "50"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(points := list(isolated_runs.glob("causal_axioms_run/sweep-*/pos=*"))) < 2:
+        time.sleep(0.2)
+    _wait_for_checkpoints(points)
+    kernels = [json.loads((p / "status.json").read_text())["pid"] for p in points]
+    proc.send_signal(signal.SIGTERM)  # the CLI alone: its kernel and the points' processes are in other groups
+    _, stderr = proc.communicate(timeout=90)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "--resume" in stderr.strip().splitlines()[-1]
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(pid) for pid in kernels):
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in kernels)
+    assert {open_run(p).status["status"] for p in points} == {"stopped"}
+    driver = next(isolated_runs.glob("causal_axioms/*/status.json"))
+    assert json.loads(driver.read_text())["status"] == "stopped"

@@ -83,8 +83,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if not sep or not values:
             raise ConfigError(f"--grid {spec!r}: expected NAME=V1,V2,...")
         grid[name] = [config_cls.parse(name, v) for v in values.split(",")]
-    table = run_sweep(args.notebook, grid, preset=args.preset, params=_params(args.param, config_cls), jobs=args.jobs,
-                      name=args.name, progress=True)
+    try:
+        table = run_sweep(args.notebook, grid, preset=args.preset, params=_params(args.param, config_cls),
+                          jobs=args.jobs, name=args.name, progress=True)
+    except KeyboardInterrupt:
+        print("lablib: sweep interrupted; its running points were stopped, and the same command resumes them",
+              file=sys.stderr)
+        raise
     import pandas as pd
 
     with pd.option_context("display.width", 200, "display.max_columns", 20):

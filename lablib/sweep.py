@@ -168,7 +168,8 @@ def run_sweep(notebook: str | Path, grid: dict[str, list[Any]], *, preset: str |
     for point in points:  # every point is checked before the first one starts
         check_params(info, preset, {**params, **point})
     fields = info.config_cls.fields_by_name()
-    resolved = info.config_cls.resolve(preset, **{k: v for k, v in params.items() if k in fields}).to_dict()
+    first = {k: v for k, v in {**params, **points[0]}.items() if k in fields}  # a valid whole config
+    resolved = {k: v for k, v in info.config_cls.resolve(preset, **first).to_dict().items() if k not in grid}
     name = name or sweep_name(grid, preset, params, resolved)
     folder = Path(root or runs_root()) / info.experiment / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -185,8 +186,10 @@ def run_sweep(notebook: str | Path, grid: dict[str, list[Any]], *, preset: str |
             **_run_point(notebook, run_folder, preset, {**params, **point}, threads, running), "skipped": False}
         return {"point": point_name(point), **point, **outcome, "run_dir": str(run_folder)}
 
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if main_thread else None
+    # SIGTERM unwinds like Ctrl-C (unless the caller, such as `lablib sweep`, already handles it)
+    own_handler = (threading.current_thread() is threading.main_thread()
+                   and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None))
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if own_handler else None
     pool = ThreadPoolExecutor(jobs)
     rows = []
     try:
@@ -197,7 +200,7 @@ def run_sweep(notebook: str | Path, grid: dict[str, list[Any]], *, preset: str |
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        if main_thread:
+        if own_handler:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     table = sweep_table(folder, rows)
     table.to_csv(folder / "sweep.csv", index=False)

@@ -141,7 +141,7 @@ def test_interrupting_a_sweep_stops_its_running_points_and_starts_no_more(isolat
     _wait_for_checkpoints(started)
     kernels = [json.loads((p / "status.json").read_text())["pid"] for p in started]
     assert all(_alive(pid) for pid in kernels)
-    sweep.send_signal(signal.SIGINT)  # the sweep process alone, as the kernel's interrupt does
+    sweep.send_signal(signal.SIGTERM)  # the sweep process alone, as a plain `kill` would
     assert sweep.wait(timeout=60) != 0
     deadline = time.time() + 30
     while time.time() < deadline and any(_alive(pid) for pid in kernels):
@@ -172,3 +172,22 @@ def test_sigterm_to_lablib_run_of_a_sweep_notebook_stops_every_point_and_says_ho
     assert {open_run(p).status["status"] for p in points} == {"stopped"}
     driver = next(isolated_runs.glob("causal_axioms/*/status.json"))
     assert json.loads(driver.read_text())["status"] == "stopped"
+
+
+def test_ctrl_c_to_lablib_sweep_stops_its_points_and_says_how_to_resume(isolated_runs):
+    args = [sys.executable, "-m", "lablib.cli", "sweep", QUICKSTART, "--preset", "smoke", "--grid", "seed=0,1",
+            "-p", "steps", "5000", "-p", "checkpoint_every", "20", "-p", "sample_tokens", "5", "--jobs", "2",
+            "--name", "s"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    points = [isolated_runs / "quickstart" / "s" / f"seed={seed}" for seed in (0, 1)]
+    _wait_for_checkpoints(points)
+    kernels = [json.loads((p / "status.json").read_text())["pid"] for p in points]
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=90)
+    assert proc.returncode == 128 + signal.SIGINT
+    assert "the same command resumes them" in stderr.strip().splitlines()[-1]
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(pid) for pid in kernels):
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in kernels)
+    assert [open_run(p).status["status"] for p in points] == ["stopped", "stopped"]

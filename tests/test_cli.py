@@ -130,6 +130,15 @@ def _wait_for_checkpoints(folders, seconds=240):
         time.sleep(0.2)
 
 
+def _assert_points_stopped(points, kernels, seconds=30):
+    """Every point's kernel has exited (within `seconds`) and its run is marked stopped."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and any(_alive(pid) for pid in kernels):
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in kernels)
+    assert [open_run(p).status["status"] for p in points] == ["stopped"] * len(points)
+
+
 def test_interrupting_a_sweep_stops_its_running_points_and_starts_no_more(isolated_runs):
     code = ("import sys; from lablib.sweep import run_sweep; run_sweep(sys.argv[1], {'seed': [0, 1, 2]}, "
             "preset='smoke', params={'steps': 5000, 'checkpoint_every': 20, 'sample_tokens': 5}, jobs=2, "
@@ -143,11 +152,7 @@ def test_interrupting_a_sweep_stops_its_running_points_and_starts_no_more(isolat
     assert all(_alive(pid) for pid in kernels)
     sweep.send_signal(signal.SIGTERM)  # the sweep process alone, as a plain `kill` would
     assert sweep.wait(timeout=60) != 0
-    deadline = time.time() + 30
-    while time.time() < deadline and any(_alive(pid) for pid in kernels):
-        time.sleep(0.2)
-    assert not any(_alive(pid) for pid in kernels)  # each point's kernel stopped with it
-    assert [open_run(p).status["status"] for p in started] == ["stopped", "stopped"]
+    _assert_points_stopped(started, kernels)
     assert not (folder / "seed=2" / "params.json").exists()  # the queued point never started
 
 
@@ -165,11 +170,7 @@ def test_sigterm_to_lablib_run_of_a_sweep_notebook_stops_every_point_and_says_ho
     _, stderr = proc.communicate(timeout=90)
     assert proc.returncode == 128 + signal.SIGTERM
     assert "--resume" in stderr.strip().splitlines()[-1]
-    deadline = time.time() + 30
-    while time.time() < deadline and any(_alive(pid) for pid in kernels):
-        time.sleep(0.2)
-    assert not any(_alive(pid) for pid in kernels)
-    assert {open_run(p).status["status"] for p in points} == {"stopped"}
+    _assert_points_stopped(points, kernels)
     driver = next(isolated_runs.glob("causal_axioms/*/status.json"))
     assert json.loads(driver.read_text())["status"] == "stopped"
 
@@ -178,7 +179,9 @@ def test_ctrl_c_to_lablib_sweep_stops_its_points_and_says_how_to_resume(isolated
     args = [sys.executable, "-m", "lablib.cli", "sweep", QUICKSTART, "--preset", "smoke", "--grid", "seed=0,1",
             "-p", "steps", "5000", "-p", "checkpoint_every", "20", "-p", "sample_tokens", "5", "--jobs", "2",
             "--name", "s"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # a shell without job control starts background jobs with SIGINT ignored; the CLI must see it
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     points = [isolated_runs / "quickstart" / "s" / f"seed={seed}" for seed in (0, 1)]
     _wait_for_checkpoints(points)
     kernels = [json.loads((p / "status.json").read_text())["pid"] for p in points]
@@ -186,8 +189,4 @@ def test_ctrl_c_to_lablib_sweep_stops_its_points_and_says_how_to_resume(isolated
     _, stderr = proc.communicate(timeout=90)
     assert proc.returncode == 128 + signal.SIGINT
     assert "the same command resumes them" in stderr.strip().splitlines()[-1]
-    deadline = time.time() + 30
-    while time.time() < deadline and any(_alive(pid) for pid in kernels):
-        time.sleep(0.2)
-    assert not any(_alive(pid) for pid in kernels)
-    assert [open_run(p).status["status"] for p in points] == ["stopped", "stopped"]
+    _assert_points_stopped(points, kernels)

@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import threading
 from pathlib import Path
 
 from lablib.config import ConfigError, default_preset
+from lablib.interrupts import Terminated, sigterm_as_interrupt
 
 EXIT_BAD_INPUT = 2
 
@@ -148,29 +148,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is, so it unwinds like Ctrl-C: papermill interrupts
-    the kernel (a sweep then stops its running points) instead of orphaning it."""
-
-
-def _terminate(signum, frame):
-    raise Terminated()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
-        return args.func(args)
+        with sigterm_as_interrupt():  # papermill then interrupts the kernel rather than orphaning it
+            return args.func(args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"lablib: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt as e:
         return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

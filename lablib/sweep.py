@@ -32,6 +32,7 @@ from typing import Any
 
 from lablib.checkpoints import atomic_write_json
 from lablib.config import ConfigError, default_preset
+from lablib.interrupts import sigterm_as_interrupt
 from lablib.notebooks import check_params, inspect
 from lablib.runs import Run, runs_root
 
@@ -49,8 +50,7 @@ def point_name(point: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9=,._-]", "_", text) or "default"
 
 
-def sweep_name(grid: dict[str, list[Any]], preset: str, params: dict[str, Any],
-               resolved: dict[str, Any] | None = None) -> str:
+def sweep_name(grid: dict[str, list[Any]], preset: str, params: dict[str, Any], resolved: dict[str, Any]) -> str:
     """A stable name for the same sweep, so a restart finds its earlier points.
 
     `resolved` (the preset's values with `params` applied) is part of the key, so editing a
@@ -115,8 +115,7 @@ def _mark(folder: Path, status: str, error: str) -> None:
 
 
 def _run_point(notebook: Path, folder: Path, preset: str, params: dict[str, Any], threads: int,
-               points: _Points | None = None) -> dict[str, Any]:
-    points = points or _Points()
+               points: _Points) -> dict[str, Any]:
     run_exists = (folder / "params.json").is_file()
     cmd = [sys.executable, "-m", "lablib.cli", "run", str(notebook), "--preset", preset, "--quiet"]
     if run_exists:
@@ -143,10 +142,6 @@ def _run_point(notebook: Path, folder: Path, preset: str, params: dict[str, Any]
     error = lines[-1] if lines else f"exit status {proc.returncode}"
     _mark(folder, "failed", error)
     return {"error": error}
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def run_sweep(notebook: str | Path, grid: dict[str, list[Any]], *, preset: str | None = None,
@@ -186,22 +181,18 @@ def run_sweep(notebook: str | Path, grid: dict[str, list[Any]], *, preset: str |
             **_run_point(notebook, run_folder, preset, {**params, **point}, threads, running), "skipped": False}
         return {"point": point_name(point), **point, **outcome, "run_dir": str(run_folder)}
 
-    # SIGTERM unwinds like Ctrl-C (unless the caller, such as `lablib sweep`, already handles it)
-    own_handler = (threading.current_thread() is threading.main_thread()
-                   and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None))
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if own_handler else None
     pool = ThreadPoolExecutor(jobs)
     rows = []
     try:
-        for row in tqdm(pool.map(work, points), total=len(points), desc=f"sweep {info.experiment}", disable=not progress):
-            rows.append(row)
+        with sigterm_as_interrupt():
+            for row in tqdm(pool.map(work, points), total=len(points), desc=f"sweep {info.experiment}",
+                            disable=not progress):
+                rows.append(row)
     except BaseException:
         running.stop()
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        if own_handler:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     table = sweep_table(folder, rows)
     table.to_csv(folder / "sweep.csv", index=False)
     return table

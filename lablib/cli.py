@@ -138,7 +138,8 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--preset", choices=["smoke", "cpu", "gpu"])
     sw.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"))
     sw.add_argument("--jobs", type=int, help="parallel processes (default: half the cores)")
-    sw.add_argument("--name", help="sweep folder name (default: derived from the grid, stable across restarts)")
+    sw.add_argument("--name", help="readable start of the sweep folder's name (default: sweep-<preset>); a hash "
+                    "of the grid and the resolved preset follows, so an edited preset never reuses old runs")
     sw.set_defaults(func=cmd_sweep)
     ls = sub.add_parser("runs", help="list runs with status, key params and headline results")
     ls.add_argument("experiment", nargs="?")

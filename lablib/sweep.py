@@ -50,15 +50,17 @@ def point_name(point: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9=,._-]", "_", text) or "default"
 
 
-def sweep_name(grid: dict[str, list[Any]], preset: str, params: dict[str, Any], resolved: dict[str, Any]) -> str:
-    """A stable name for the same sweep, so a restart finds its earlier points.
+def sweep_name(grid: dict[str, list[Any]], preset: str, params: dict[str, Any], resolved: dict[str, Any],
+               label: str | None = None) -> str:
+    """A stable name for the same sweep, so a restart finds its earlier points: `label`
+    (default `sweep-<preset>`) and a hash of what the points would run.
 
     `resolved` (the preset's values with `params` applied) is part of the key, so editing a
-    preset starts a new sweep instead of reusing runs made with the old values.
+    preset starts a new sweep instead of reusing runs made with the old values, whatever the label.
     """
     key = json.dumps({"grid": grid, "preset": preset, "params": params, "resolved": resolved},
                      sort_keys=True, default=str)
-    return f"sweep-{preset}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    return f"{label or f'sweep-{preset}'}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
 class _Points:
@@ -165,7 +167,7 @@ def run_sweep(notebook: str | Path, grid: dict[str, list[Any]], *, preset: str |
     fields = info.config_cls.fields_by_name()
     first = {k: v for k, v in {**params, **points[0]}.items() if k in fields}  # a valid whole config
     resolved = {k: v for k, v in info.config_cls.resolve(preset, **first).to_dict().items() if k not in grid}
-    name = name or sweep_name(grid, preset, params, resolved)
+    name = sweep_name(grid, preset, params, resolved, label=name)
     folder = Path(root or runs_root()) / info.experiment / name
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / "sweep.json", {"notebook": str(notebook), "grid": grid, "preset": preset,

@@ -86,7 +86,7 @@ def test_sweep_keeps_going_past_a_failure_and_skips_finished_runs_when_restarted
             "-p", "steps", "10", "-p", "sample_tokens", "5", "--jobs", "2", "--name", "s"]
     first = lablib(*args)
     assert first.returncode == 1  # two points failed
-    folder = isolated_runs / "quickstart" / "s"
+    folder = _labelled_sweep(isolated_runs / "quickstart", "s")
     table = (folder / "sweep.csv").read_text()
     assert table.count(",done,") == 2 and table.count(",failed,") == 2
     done_runs = [p for p in folder.iterdir() if "corpus=stdlib" in p.name]
@@ -113,6 +113,12 @@ def test_a_sweep_restarted_after_its_preset_changed_starts_afresh(isolated_runs,
     sweep.run_sweep(QUICKSTART, grid, preset="smoke", progress=False)
     assert started[2].parent != started[0].parent
     assert started[2].name == started[0].name  # the point keeps its name inside the new sweep folder
+    # a named sweep (as notebook drivers pass) is protected the same way: the name is only a label
+    sweep.run_sweep(QUICKSTART, grid, preset="smoke", progress=False, name="decoder-smoke")
+    monkeypatch.setitem(presets, "smoke", {**presets["smoke"], "steps": presets["smoke"]["steps"] + 1})
+    sweep.run_sweep(QUICKSTART, grid, preset="smoke", progress=False, name="decoder-smoke")
+    assert started[3].parent.name.startswith("decoder-smoke-") and started[4].parent.name.startswith("decoder-smoke-")
+    assert started[4].parent != started[3].parent
 
 
 def _alive(pid: int) -> bool:
@@ -121,6 +127,15 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return "State:\tZ" not in state  # a zombie has already exited
+
+
+def _labelled_sweep(experiment, label, seconds=60):
+    """The one sweep folder `<label>-<hash>` under `experiment`, once it exists."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and not list(experiment.glob(f"{label}-*")):
+        time.sleep(0.2)
+    [folder] = experiment.glob(f"{label}-*")
+    return folder
 
 
 def _wait_for_checkpoints(folders, seconds=240):
@@ -145,7 +160,7 @@ def test_interrupting_a_sweep_stops_its_running_points_and_starts_no_more(isolat
             "name='s', progress=False)")
     sweep = subprocess.Popen([sys.executable, "-c", code, QUICKSTART], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
-    folder = isolated_runs / "quickstart" / "s"
+    folder = _labelled_sweep(isolated_runs / "quickstart", "s")
     started = [folder / "seed=0", folder / "seed=1"]
     _wait_for_checkpoints(started)
     kernels = [json.loads((p / "status.json").read_text())["pid"] for p in started]
@@ -182,7 +197,8 @@ def test_ctrl_c_to_lablib_sweep_stops_its_points_and_says_how_to_resume(isolated
     # a shell without job control starts background jobs with SIGINT ignored; the CLI must see it
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    points = [isolated_runs / "quickstart" / "s" / f"seed={seed}" for seed in (0, 1)]
+    folder = _labelled_sweep(isolated_runs / "quickstart", "s")
+    points = [folder / f"seed={seed}" for seed in (0, 1)]
     _wait_for_checkpoints(points)
     kernels = [json.loads((p / "status.json").read_text())["pid"] for p in points]
     proc.send_signal(signal.SIGINT)

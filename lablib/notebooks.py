@@ -86,9 +86,16 @@ def ensure_kernel() -> str:
     spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
             "display_name": "Python (lablib)", "language": "python", "metadata": {"debugger": True}}
     path = folder / "kernel.json"
-    if not path.is_file() or json.loads(path.read_text()).get("argv") != spec["argv"]:
-        folder.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(spec, indent=1))
+    try:
+        current = json.loads(path.read_text()).get("argv")
+    except (OSError, ValueError):  # missing, or left unreadable by an older, non-atomic write
+        current = None
+    if current != spec["argv"]:
+        # atomically: runs started together (by hand, or from interpreters named differently,
+        # python vs python3) may rewrite it while another reads it
+        from lablib.checkpoints import atomic_write_text
+
+        atomic_write_text(path, json.dumps(spec, indent=1))
     return KERNEL_NAME
 
 

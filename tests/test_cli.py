@@ -206,3 +206,29 @@ def test_ctrl_c_to_lablib_sweep_stops_its_points_and_says_how_to_resume(isolated
     assert proc.returncode == 128 + signal.SIGINT
     assert "the same command resumes them" in stderr.strip().splitlines()[-1]
     _assert_points_stopped(points, kernels)
+
+
+def test_the_kernel_spec_survives_runs_that_start_together(tmp_path):
+    """Two `lablib run`s started at once, from interpreters named differently, each rewrite the
+    kernel spec the other is reading; neither may ever read a half-written file."""
+    code = ("import sys; sys.prefix = sys.argv[1]; sys.executable = sys.argv[2]\n"
+            "from lablib.notebooks import ensure_kernel\n"
+            "for _ in range(300): ensure_kernel()")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), name], stderr=subprocess.PIPE, text=True)
+             for name in ("/venv/bin/python", "/venv/bin/python3")]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    folder = tmp_path / "share" / "jupyter" / "kernels" / "lablib"
+    assert [p.name for p in folder.iterdir()] == ["kernel.json"]  # no temporary files left behind
+    assert json.loads((folder / "kernel.json").read_text())["argv"][0] in ("/venv/bin/python", "/venv/bin/python3")
+
+
+def test_an_unreadable_kernel_spec_is_rewritten(tmp_path, monkeypatch):
+    from lablib import notebooks
+
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    path = tmp_path / "share" / "jupyter" / "kernels" / notebooks.KERNEL_NAME / "kernel.json"
+    path.parent.mkdir(parents=True)
+    path.write_text("")  # what an interrupted non-atomic write leaves
+    assert notebooks.ensure_kernel() == notebooks.KERNEL_NAME
+    assert json.loads(path.read_text())["argv"][0] == sys.executable

@@ -92,7 +92,8 @@ def ensure_kernel() -> str:
         current = None
     if current != spec["argv"]:
         # atomically: runs started together (by hand, or from interpreters named differently,
-        # python vs python3) may rewrite it while another reads it
+        # python vs python3) may rewrite it while another reads it. Imported here because
+        # lablib.checkpoints imports torch, which this module otherwise never needs.
         from lablib.checkpoints import atomic_write_text
 
         atomic_write_text(path, json.dumps(spec, indent=1))

@@ -26,7 +26,10 @@ Notable here:
   exactly as in a one-question example, at a fraction of the tokens), and
   `curriculum_fraction` grows the largest training chain from 2 nodes (the axiom's base case
   "A causes B. Does A cause B?") to `train_max_nodes` over that share of training, with
-  `curriculum_names` growing names from 1 character to 3 along with it. `short_chain_fraction`
+  `curriculum_names` growing names from 1 character to 3 along with it. With
+  `curriculum_mastery` the curriculum is paced by the model instead of the step count
+  (`MasteryPacing`: a stage moves on once training accuracy reaches the threshold, with
+  `curriculum_fraction` as the deadline). `short_chain_fraction`
   instead mixes a fixed share of 2-node chains in throughout (measured: slower than the
   curriculum; off in every preset).
 - Evaluation sets, each with exactly `eval_examples` questions per size, half `Yes`:
@@ -210,6 +213,13 @@ class CausalAxiomsConfig(ModelConfig, TrainConfig):
     curriculum_fraction: float = knob(0.0, "share of training over which the largest training chain grows "
                                       "linearly from 2 nodes to train_max_nodes (0: the paper's sizes from the "
                                       "first step); evaluation never changes", min=0.0, max=1.0)
+    curriculum_mastery: float = knob(0.0, "0: the curriculum follows the step count; above 0 it is mastery-paced: it "
+                                     "moves one of curriculum_stages on only once the training answers' accuracy over "
+                                     "the last mastery_window steps reaches this, and curriculum_fraction becomes the "
+                                     "deadline by which it is complete whatever the accuracy", min=0.0, max=1.0)
+    curriculum_stages: int = knob(20, "mastery-paced curriculum: stages from its start to the paper's sizes", min=1)
+    mastery_window: int = knob(50, "mastery-paced curriculum: training micro-batches (steps, without gradient "
+                               "accumulation) whose answer accuracy is averaged", min=1)
     curriculum_names: bool = knob(False, "names grow with the curriculum too: 1 character in its first third, "
                                   "up to 2 in the second, up to 3 (the paper's) afterwards")
     short_chain_fraction: float = knob(0.0, "share of training questions asked about 2-node chains (the axiom's base "
@@ -270,6 +280,9 @@ class CausalAxiomsConfig(ModelConfig, TrainConfig):
         bad_factors = [f for f in self.branching_factors if f <= 0]
         if bad_factors:
             raise ConfigError(f"parameter 'branching_factors': expected positive numbers, got {self.branching_factors}")
+        if self.curriculum_mastery and not self.curriculum_fraction:
+            raise ConfigError("parameter 'curriculum_mastery': a mastery-paced curriculum needs curriculum_fraction > 0 "
+                              f"(its deadline), got curriculum_fraction={self.curriculum_fraction}")
         tokenizer = task_tokenizer(self.tokenizer)
         need_train = longest_tokens(tokenizer, self.train_max_nodes - 1, self.questions_per_graph)
         if self.seq_len + 1 < need_train:
@@ -479,8 +492,62 @@ def encode_packed(tokenizer: Tokenizer, groups: list[list[Example]], length: int
 
 
 @dataclass
+class MasteryPacing:
+    """A curriculum that waits for the model (curriculum_mastery > 0).
+
+    The curriculum is cut into `curriculum_stages` stages. After each training micro-batch the
+    loss reports its answers' accuracy (`record`); once the mean over the last `mastery_window`
+    of them reaches `curriculum_mastery`, the next stage starts (and the window starts afresh,
+    so each stage is judged on its own data). `curriculum_fraction` is a deadline: at training
+    progress p the curriculum is at least p / curriculum_fraction of the way, so a stalled run
+    still ends on the paper's sizes. The stage is logged (`curriculum_stage`) and read back
+    from the log when a run resumes; the accuracy window restarts empty there.
+    """
+
+    cfg: CausalAxiomsConfig
+    stage: int = 0
+    recent: list[float] = dataclasses.field(default_factory=list)
+    progress: float = 0.0  # training progress of the newest batch
+
+    def floor(self, progress: float) -> int:
+        return min(self.cfg.curriculum_stages, int(self.cfg.curriculum_stages * progress / self.cfg.curriculum_fraction))
+
+    def effective_progress(self, progress: float) -> float:
+        """The training progress whose step-paced curriculum equals this one's state."""
+        self.progress = progress
+        self.stage = max(self.stage, self.floor(progress))
+        return max(progress, self.stage / self.cfg.curriculum_stages * self.cfg.curriculum_fraction)
+
+    def record(self, accuracy: float) -> None:
+        stage = max(self.stage, self.floor(self.progress))
+        if stage != self.stage:  # the deadline moved it on: judge the new stage afresh
+            self.stage, self.recent = stage, []
+        self.recent.append(accuracy)
+        window = self.recent[-self.cfg.mastery_window:]
+        if (self.stage < self.cfg.curriculum_stages and len(window) == self.cfg.mastery_window
+                and sum(window) / len(window) >= self.cfg.curriculum_mastery):
+            self.stage, self.recent = self.stage + 1, []
+
+    def metrics(self) -> dict[str, float]:
+        p = max(self.progress, self.stage / self.cfg.curriculum_stages * self.cfg.curriculum_fraction)
+        return {"curriculum_stage": self.stage, "curriculum_nodes": largest_chain(self.cfg, p)}
+
+
+def resumed_stage(run, cfg: CausalAxiomsConfig) -> int:
+    """The mastery curriculum's stage at the run's newest checkpoint, from its metrics log (0 if none)."""
+    from lablib.checkpoints import list_checkpoints
+
+    if run is None or not list_checkpoints(run.path):
+        return 0
+    step = list_checkpoints(run.path)[-1]
+    logged = [r for r in run.log.rows() if "curriculum_stage" in r and r.get("step", 0) <= step]
+    return int(logged[-1]["curriculum_stage"]) if logged else 0
+
+
+@dataclass
 class TransitivityBatches:
-    """Fresh training questions: micro-batch `index` is a pure function of (seed, index).
+    """Fresh training questions: micro-batch `index` is a pure function of (seed, index) and, with a
+    mastery-paced curriculum, of its stage (`pacing`, logged as `curriculum_stage`).
 
     With questions_per_graph > 1 a row packs that many questions about one graph (`encode_packed`).
     The curriculum reads training progress as index / (steps x micro-batches per step) of one process.
@@ -488,12 +555,15 @@ class TransitivityBatches:
 
     cfg: CausalAxiomsConfig
     tokenizer: Tokenizer
+    pacing: MasteryPacing | None = None
 
     def batch(self, index: int, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
         from lablib.train import grad_accum_steps
 
         rng = np.random.default_rng([seed, index])
         progress = index / (self.cfg.steps * grad_accum_steps(self.cfg))
+        if self.pacing is not None:
+            progress = self.pacing.effective_progress(progress)
         if self.cfg.questions_per_graph == 1:
             return encode_answered(self.tokenizer, training_examples(rng, self.cfg, batch_size, progress=progress),
                                    self.cfg.seq_len + 1)
@@ -506,6 +576,7 @@ class AnswerLoss:
     """Cross-entropy on the answer tokens only; reports how often the first one (Y or N, or the whole word) is right."""
 
     name: str = "answer"
+    pacing: MasteryPacing | None = None  # told each training batch's accuracy
 
     def __call__(self, model, batch, generator):
         tokens, answer = batch["tokens"], batch["answer_mask"]
@@ -517,8 +588,12 @@ class AnswerLoss:
         labels = tokens[:, 1:].masked_fill(~answer[:, 1:], IGNORE)  # input position i predicts token i+1
         loss, n = token_cross_entropy(logits, labels)
         first = answer[:, 1:] & ~answer[:, :-1]  # the position that decides Yes or No
-        first_right = (logits.argmax(-1) == labels)[first].float().mean()
-        return loss, {"tokens_scored": n, "answer_accuracy": float(first_right)}
+        first_right = float((logits.argmax(-1) == labels)[first].float().mean())
+        metrics = {"tokens_scored": n, "answer_accuracy": first_right}
+        if self.pacing is not None and model.training:  # training batches only, not val_loss batches
+            self.pacing.record(first_right)
+            metrics.update(self.pacing.metrics())
+        return loss, metrics
 
 
 # --- evaluation sets -----------------------------------------------------------------------------
@@ -645,7 +720,8 @@ def train_model(cfg: CausalAxiomsConfig, run=None, *, progress: bool = True):
     def val_accuracy(step: int, m: Transformer) -> dict[str, float]:
         return {"val_accuracy": accuracy(m, tokenizer, probe, cfg.eval_batch_size)}
 
-    result = train(model, AnswerLoss(), TransitivityBatches(cfg, tokenizer), cfg.project(TrainConfig), run,
+    pacing = MasteryPacing(cfg, stage=resumed_stage(run, cfg)) if cfg.curriculum_mastery else None
+    result = train(model, AnswerLoss(pacing=pacing), TransitivityBatches(cfg, tokenizer, pacing), cfg.project(TrainConfig), run,
                    val=val, callbacks=[(cfg.accuracy_every, val_accuracy)], progress=progress)
     return model, tokenizer, result
 

@@ -1,5 +1,6 @@
 """Downstream evaluation: docstring/function pairs, the held-out guarantee, retrieval, probe, FLOPs."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -8,8 +9,10 @@ import torch
 
 from lablib.config import ModelConfig
 from lablib.data import load_corpus
-from lablib.downstream import (ObjectivesRunConfig, embed, evaluation_documents, function_pairs,
-                               heldout_next_token_loss, is_evaluation_document, package_of, pretraining_documents, probe_dataset, probe_scores, retrieval_scores, training_flops_per_batch)
+from lablib.downstream import (ObjectivesRunConfig, contrastive_documents, embed, evaluation_documents,
+                               function_pairs, heldout_next_token_loss, is_evaluation_document, package_of,
+                               prepare_pretraining_data, pretraining_documents, probe_dataset, probe_scores,
+                               retrieval_scores, training_flops_per_batch)
 from lablib.models import Transformer
 from lablib.objectives import CausalLM, MaskedLM, Mixture
 
@@ -67,6 +70,20 @@ def test_evaluation_files_never_reach_the_pretraining_corpus():
     assert set(everything["source"]) == set(pretraining["source"]) | (set(everything["source"]) & set(heldout["source"]))
     pairs = function_pairs(heldout)
     assert pairs and {p.source for p in pairs} <= set(heldout["source"])
+
+
+def test_contrastive_pairs_can_come_from_past_the_corpus_cap_but_never_from_held_out_documents():
+    cfg = ObjectivesRunConfig.resolve("smoke", corpus_max_chars=400_000, val_fraction=0.3)
+    _, train_docs = prepare_pretraining_data(cfg, "char")
+    assert cfg.contrastive_pairs == "pretraining"  # smoke: the LM training documents only
+    assert contrastive_documents(cfg, train_docs) is train_docs
+    every = contrastive_documents(dataclasses.replace(cfg, contrastive_pairs="all"), train_docs)
+    capped = pretraining_documents("stdlib", 400_000, cfg.eval_fraction, cfg.split_seed)
+    lm_val = set(capped["source"]) - set(train_docs["source"])
+    sources = set(every["source"])
+    assert lm_val and sources.isdisjoint(lm_val)
+    assert sources.isdisjoint(evaluation_documents(cfg.eval_fraction, cfg.split_seed)["source"])
+    assert set(train_docs["source"]) < sources and len(sources) > 3 * len(capped)
 
 
 def test_the_evaluation_draw_is_seeded_and_takes_only_python_files():

@@ -13,7 +13,7 @@ from lablib.runs import create_run, open_run
 from lablib.tasks.causal_axioms import (
     ALPHABET, AnswerLoss, CausalAxiomsConfig, MasteryPacing, TransitivityBatches, answer, answer_log_probs, ask, branching_dag,
     build_model, encode_answered, encode_examples, encode_packed, evaluation_sets, is_evaluation_graph, largest_chain, linear_chain, longest_name, question_prompt,
-    task_tokenizer, train_model, training_examples, training_groups)
+    task_tokenizer, train_model, training_examples, training_groups, trim_padding)
 
 
 def small_config(**overrides):
@@ -151,7 +151,9 @@ def test_packed_training_batches_hold_balanced_questions_about_one_graph_each():
     cfg = small_config(questions_per_graph=4, seq_len=240)
     tok = task_tokenizer()
     batch = TransitivityBatches(cfg, tok).batch(0, 8, seed=1)
-    assert batch["tokens"].shape == (8, cfg.seq_len + 1) and batch["attn_mask"].shape == (8, 241, 241)
+    length = batch["tokens"].shape[1]  # cut after the longest row
+    assert length <= cfg.seq_len + 1 and (batch["tokens"][:, -1] != tok.pad_id).any()
+    assert batch["attn_mask"].shape == (8, length, length) and batch["positions"].shape == (8, length)
     answers = [tok.decode(row[mask].tolist()) for row, mask in zip(batch["tokens"], batch["answer_mask"])]
     assert sum(a.count("Yes") for a in answers) == 16  # 8 graphs x 4 questions, half of them Yes
     assert sum(a.count("No") for a in answers) == 16
@@ -162,6 +164,21 @@ def test_packed_training_batches_hold_balanced_questions_about_one_graph_each():
     answer_rows = torch.nonzero(batch["answer_mask"][0]).flatten()
     assert not mask[answer_rows[-1], answer_rows[0]]  # the last answer cannot attend to the first one
     assert mask[answer_rows[-1], 0]  # but it sees the premises
+
+
+def test_trimming_packed_padding_leaves_the_loss_unchanged():
+    cfg = small_config(questions_per_graph=4, seq_len=240)
+    tok = task_tokenizer()
+    model = build_model(cfg, tok).eval()
+    groups = training_groups(np.random.default_rng(5), cfg, 6, 4)
+    padded = encode_packed(tok, groups, cfg.seq_len + 1)
+    trimmed = trim_padding(padded, tok.pad_id)
+    assert trimmed["tokens"].shape[1] < padded["tokens"].shape[1]
+    with torch.no_grad():
+        loss_padded, m_padded = AnswerLoss()(model, padded, torch.Generator())
+        loss_trimmed, m_trimmed = AnswerLoss()(model, trimmed, torch.Generator())
+    assert m_padded["tokens_scored"] == m_trimmed["tokens_scored"]
+    assert math.isclose(float(loss_padded), float(loss_trimmed), rel_tol=1e-5)
 
 
 def test_packed_sequences_must_fit_seq_len():

@@ -43,7 +43,8 @@ Notable here:
   divisible by `EVAL_SHARE`; the training stream rejects those graphs and the evaluation
   sets draw only them.
 - `TransitivityBatches.batch(index, batch_size, seed)` is a pure function of its arguments
-  (fresh examples, never a fixed dataset), padded with the pad id to `seq_len + 1` tokens.
+  (fresh examples, never a fixed dataset): single questions are padded with the pad id to
+  `seq_len + 1` tokens, packed rows (at most `seq_len + 1` tokens) to the batch's longest row.
 """
 
 from __future__ import annotations
@@ -247,12 +248,12 @@ class CausalAxiomsConfig(ModelConfig, TrainConfig):
                       questions_per_graph=2, curriculum_fraction=0.5, seq_len=130,
                       eval_examples=8, eval_chain_lengths=[7, 20], reversed_lengths=[4], branching_nodes=[5, 12],
                       eval_every=10, eval_batches=1, log_every=5, checkpoint_every=10, accuracy_every=10),
-        # ~15 minutes per run on one core of a 2-core machine (two runs side by side, 0.285 s per
-        # step): the paper's tokenizer (50 tokens for the longest training chain, 202 for a
+        # ~9 minutes per run on one core of a 2-core machine (two runs side by side, 0.19 s per
+        # RoPE step): the paper's tokenizer (50 tokens for the longest training chain, 202 for a
         # 12-node graph with 24 statements), 8 questions packed per graph (256 answers per step
         # for ~2.4x the tokens of 32 single questions), 6 layers of width 64, and a curriculum
         # over the first 60% of training, chains from 2 nodes up to 6 and names from 1 character
-        # up to 3. Measured with RoPE, seeds 0-2: 0.79 / 0.90 / 0.93 in distribution; without
+        # up to 3. Measured with RoPE, seeds 0-2: 0.58 / 0.81 / 0.91 in distribution; without
         # packing and curriculum the model stays at chance for 3000 steps; the other encodings
         # stay at chance (see notebooks/03_causal_axioms.ipynb).
         "cpu": dict(tokenizer="paper", seq_len=120, max_seq_len=208, questions_per_graph=8, curriculum_fraction=0.6,
@@ -568,7 +569,14 @@ class TransitivityBatches:
             return encode_answered(self.tokenizer, training_examples(rng, self.cfg, batch_size, progress=progress),
                                    self.cfg.seq_len + 1)
         groups = training_groups(rng, self.cfg, batch_size, self.cfg.questions_per_graph, progress)
-        return encode_packed(self.tokenizer, groups, self.cfg.seq_len + 1)
+        return trim_padding(encode_packed(self.tokenizer, groups, self.cfg.seq_len + 1), self.tokenizer.pad_id)
+
+
+def trim_padding(batch: dict[str, torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
+    """The batch cut after its longest row: padding is never attended to nor scored, so the loss is
+    unchanged, and short rows (the curriculum's early chains) stop paying for seq_len + 1 tokens."""
+    length = int((batch["tokens"] != pad_id).sum(1).max())
+    return {k: v[:, :length, :length] if k == "attn_mask" else v[:, :length] for k, v in batch.items()}
 
 
 @dataclass

@@ -323,7 +323,8 @@ class ObjectivesRunConfig(ModelConfig, TrainConfig, DataConfig, ObjectiveConfig)
 
     presets: ClassVar[dict] = {
         # seconds: plumbing only
-        "smoke": dict(corpus_max_chars=1_600_000, contrastive_pairs="pretraining", val_fraction=0.3, tokenizer="char", n_layer=2, n_head=2, d_model=32,
+        "smoke": dict(corpus_max_chars=1_600_000, contrastive_pairs="pretraining", val_fraction=0.3, tokenizer="char",
+                      n_layer=2, n_head=2, d_model=32,
                       seq_len=64, max_seq_len=160, batch_size=8, steps=6, warmup_steps=2, eval_every=6,
                       eval_batches=1, log_every=2, checkpoint_every=6, eval_pairs=40, eval_code_tokens=64,
                       eval_doc_tokens=32, probe_classes=3, probe_min_per_class=4, probe_max_per_class=20,

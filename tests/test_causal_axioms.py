@@ -12,7 +12,7 @@ from lablib.config import ConfigError
 from lablib.runs import create_run, open_run
 from lablib.tasks.causal_axioms import (
     ALPHABET, AnswerLoss, CausalAxiomsConfig, MasteryPacing, TransitivityBatches, answer, answer_log_probs, ask, branching_dag,
-    build_model, encode_answered, encode_examples, encode_packed, evaluation_sets, is_evaluation_graph, largest_chain, linear_chain, longest_name, question_prompt,
+    build_model, encode_answered, encode_examples, encode_packed, evaluation_sets, is_evaluation_graph, largest_chain, linear_chain, longest_name, question_prompt, resumed_stage,
     task_tokenizer, train_model, training_examples, training_groups, trim_padding)
 
 
@@ -252,7 +252,6 @@ def test_mastery_paced_batches_follow_the_stage_and_a_resumed_run_reads_it_back(
     train_model(cfg, run, progress=False)
     logged = {r["step"]: r["curriculum_stage"] for r in run.log.rows() if "curriculum_stage" in r}
     assert set(logged) == {4, 8} and all(0 <= v <= 4 for v in logged.values())
-    from lablib.tasks.causal_axioms import resumed_stage
     assert resumed_stage(run, cfg) == logged[8]
 
 

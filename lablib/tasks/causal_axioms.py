@@ -511,27 +511,25 @@ class MasteryPacing:
     progress: float = 0.0  # training progress of the newest batch
 
     def floor(self, progress: float) -> int:
+        """The stage the deadline demands at training progress `progress`."""
         return min(self.cfg.curriculum_stages, int(self.cfg.curriculum_stages * progress / self.cfg.curriculum_fraction))
 
     def effective_progress(self, progress: float) -> float:
-        """The training progress whose step-paced curriculum equals this one's state."""
+        """The training progress whose step-paced curriculum equals this one's state (called per batch)."""
         self.progress = progress
-        self.stage = max(self.stage, self.floor(progress))
+        if self.floor(progress) > self.stage:  # the deadline moved it on: judge the new stage afresh
+            self.stage, self.recent = self.floor(progress), []
         return max(progress, self.stage / self.cfg.curriculum_stages * self.cfg.curriculum_fraction)
 
     def record(self, accuracy: float) -> None:
-        stage = max(self.stage, self.floor(self.progress))
-        if stage != self.stage:  # the deadline moved it on: judge the new stage afresh
-            self.stage, self.recent = stage, []
-        self.recent.append(accuracy)
-        window = self.recent[-self.cfg.mastery_window:]
-        if (self.stage < self.cfg.curriculum_stages and len(window) == self.cfg.mastery_window
-                and sum(window) / len(window) >= self.cfg.curriculum_mastery):
+        self.recent = (self.recent + [accuracy])[-self.cfg.mastery_window:]
+        if (self.stage < self.cfg.curriculum_stages and len(self.recent) == self.cfg.mastery_window
+                and sum(self.recent) / len(self.recent) >= self.cfg.curriculum_mastery):
             self.stage, self.recent = self.stage + 1, []
 
     def metrics(self) -> dict[str, float]:
-        p = max(self.progress, self.stage / self.cfg.curriculum_stages * self.cfg.curriculum_fraction)
-        return {"curriculum_stage": self.stage, "curriculum_nodes": largest_chain(self.cfg, p)}
+        return {"curriculum_stage": self.stage,
+                "curriculum_nodes": largest_chain(self.cfg, self.effective_progress(self.progress))}
 
 
 def resumed_stage(run, cfg: CausalAxiomsConfig) -> int:

@@ -3,7 +3,9 @@ import math
 import numpy as np
 import pytest
 
-from lablib.evidence import Estimate, bootstrap_interval, mean_interval, paired_difference, proportion_interval
+from lablib.evidence import (Baselines, Estimate, Headline, aggregate_seeds, assign_splits, bootstrap_interval,
+                             item_key, markdown_table, mean_interval, paired_difference, proportion_interval, split_of,
+                             take_split)
 
 
 def test_mean_interval_matches_the_t_formula():
@@ -57,3 +59,63 @@ def test_estimates_round_trip_through_json_dicts():
 def test_non_finite_values_are_refused():
     with pytest.raises(ValueError, match="finite"):
         mean_interval([1.0, float("nan")])
+
+
+def _seed_headline(value, untrained, trivial, chance=7.62):
+    return Headline.of("held-out loss", value, Baselines.of(chance, untrained, trivial, "bigram", unigram=6.0),
+                       split="val", better="lower")
+
+
+def test_aggregate_seeds_gives_t_intervals_and_paired_differences():
+    per_seed = {0: _seed_headline(3.9, 7.7, 5.0), 1: _seed_headline(3.8, 7.6, 5.0), 2: _seed_headline(4.0, 7.8, 5.0)}
+    agg = aggregate_seeds(per_seed)
+    assert agg.value == mean_interval([3.9, 3.8, 4.0])
+    assert agg.baselines.untrained == mean_interval([7.7, 7.6, 7.8])
+    assert agg.baselines.trivial.half_width == 0.0 and agg.baselines.others["unigram"].mean == 6.0
+    assert agg.differences["trivial"].mean == pytest.approx(-1.1) and agg.differences["trivial"].n == 3
+    assert agg.beats("trivial") and agg.beats("untrained")
+    assert str(agg.value) == "3.90 ± 0.25 (n=3)"
+
+
+def test_a_headline_that_does_not_clear_its_trivial_rule_is_not_called_a_win():
+    per_seed = {0: _seed_headline(5.1, 7.7, 5.0), 1: _seed_headline(4.9, 7.6, 5.0)}
+    assert aggregate_seeds(per_seed).beats("trivial") is False
+    assert aggregate_seeds({0: _seed_headline(3.9, 7.7, 5.0)}).beats("trivial") is None  # one seed: no claim
+
+
+def test_seeds_reporting_different_splits_are_not_aggregated():
+    other = Headline.of("held-out loss", 3.9, Baselines.of(7.62, 7.7, 5.0, "bigram", unigram=6.0), split="test",
+                        better="lower")
+    with pytest.raises(ValueError, match="seed 1"):
+        aggregate_seeds({0: _seed_headline(3.9, 7.7, 5.0), 1: other})
+
+
+def test_headlines_round_trip_through_json():
+    agg = aggregate_seeds({0: _seed_headline(3.9, 7.7, 5.0), 1: _seed_headline(3.8, 7.6, 5.0)})
+    import json
+    assert Headline.from_dict(json.loads(json.dumps(agg.to_dict(), allow_nan=False))) == agg
+    single = _seed_headline(3.9, 7.7, 5.0)
+    assert Headline.from_dict(json.loads(json.dumps(single.to_dict(), allow_nan=False))) == single
+
+
+def test_markdown_table_prints_estimates_in_the_headline_format():
+    table = markdown_table([{"method": "a|b", "auc": mean_interval([0.90, 0.92, 0.94]), "note": None}])
+    assert table.splitlines() == ["| method | auc | note |", "|---|---|---|", "| a\\|b | 0.92 ± 0.05 (n=3) |  |"]
+
+
+def test_splits_are_stable_disjoint_and_near_the_fraction():
+    items = [f"item-{i}" for i in range(2000)]
+    parts = assign_splits(items, dev_fraction=0.3, seed=1)
+    assert sorted(parts["dev"] + parts["test"]) == sorted(items) and not set(parts["dev"]) & set(parts["test"])
+    assert 0.26 < len(parts["dev"]) / len(items) < 0.34
+    assert split_of("item-7", 0.3, 1) == split_of("item-7", 0.3, 1)
+    assert take_split(items, "test", dev_fraction=0.3, seed=1) == parts["test"]
+    assert assign_splits(items, seed=2)["dev"] != assign_splits(items, seed=1)["dev"]
+
+
+def test_split_keys_of_structured_items_do_not_depend_on_key_order():
+    assert item_key({"b": 2, "a": 1}) == item_key({"a": 1, "b": 2}) == '{"a": 1, "b": 2}'
+    parts = assign_splits([{"b": 2, "a": 1}])
+    assert parts[split_of('{"a": 1, "b": 2}')] == [{"b": 2, "a": 1}]
+    with pytest.raises(ValueError, match="'dev' or 'test'"):
+        take_split([1, 2], "val")

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from lablib.checkpoints import atomic_write_json, atomic_write_text, list_checkpoints, load_checkpoint
+from lablib.provenance import provenance
 
 MODEL_MODULES = ("lablib.",)  # model classes are only ever imported from the lab's own code
 
@@ -211,7 +212,7 @@ def create_run(experiment: str, params: dict[str, Any], run_dir: str | Path | No
     path = Path(run_dir) if run_dir else runs_root() / experiment / new_run_id()
     path.mkdir(parents=True, exist_ok=True)
     run = Run(path)
-    atomic_write_json(path / "params.json", {"experiment": experiment, **params})
+    atomic_write_json(path / "params.json", {"experiment": experiment, **params, "provenance": provenance()})
     run.set_status("running", started=run.status.get("started") or now(), pid=os.getpid())
     return run
 

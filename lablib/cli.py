@@ -3,6 +3,7 @@
     lablib run NOTEBOOK [--preset P] [-p NAME VALUE]... [--run-dir DIR | --resume RUN_DIR]
     lablib sweep NOTEBOOK --grid NAME=V1,V2 [--grid ...] [-p NAME VALUE]... [--jobs N] [--name NAME]
     lablib runs [EXPERIMENT]
+    lablib report [--check] [--collect RUN_DIR...]
     lablib kernel
 
 A bad parameter is refused before any work: one line naming it, what was expected
@@ -15,6 +16,7 @@ again) carries on.
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -113,6 +115,21 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from lablib.report import collect, report
+
+    if args.collect:
+        print(f"lablib: wrote {collect(args.collect, collected_with=shlex.join(['lablib', *sys.argv[1:]]))}")
+    if report(check=args.check):
+        print("README results section is up to date")
+        return 0
+    if args.check:
+        print("lablib: README.md results section differs from results/; run `lablib report` and commit", file=sys.stderr)
+        return 1
+    print("README results section rewritten from results/")
+    return 0
+
+
 def cmd_kernel(args: argparse.Namespace) -> int:
     from lablib.notebooks import ensure_kernel
 
@@ -144,6 +161,12 @@ def parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("runs", help="list runs with status, key params and headline results")
     ls.add_argument("experiment", nargs="?")
     ls.set_defaults(func=cmd_runs)
+    rep = sub.add_parser("report", help="rebuild the README's results table from results/ (--check: only compare)")
+    what = rep.add_mutually_exclusive_group()
+    what.add_argument("--check", action="store_true", help="exit 1 when the README differs from what report writes")
+    what.add_argument("--collect", nargs="+", metavar="RUN_DIR", help="first aggregate these finished runs (one "
+                     "experiment, seeds differing) into results/<experiment>/results.json")
+    rep.set_defaults(func=cmd_report)
     k = sub.add_parser("kernel", help="register the 'lablib' Jupyter kernel for this environment")
     k.set_defaults(func=cmd_kernel)
     return p

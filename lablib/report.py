@@ -237,7 +237,9 @@ def reference_markdown(experiment: str, root: Path | None = None) -> str:
         return (f"No reference result for `{experiment}` is committed yet (`results/{experiment}/results.json`, "
                 "written by `lablib report --collect`).")
     h = Headline.from_dict(data["headline"])
-    diffs = "".join(f"\n- minus {name}: {est.format()}" for name, est in h.differences.items())
+    label = {"trivial": h.baselines.trivial_rule}
+    diffs = "".join(f"\n- minus {label.get(name, name)}: {h.differences[name].format()}"
+                    for name, _ in h.baselines.items() if name in h.differences)
     return (f"Reference result (`results/{experiment}/results.json`, preset `{data.get('preset')}`, seeds "
             f"{', '.join(map(str, data['seeds']))}; measured on {measured_on_text(data['measured_on'])}):\n\n"
             + headline_markdown(h) + ("\n\nPaired differences over seeds:" + diffs if diffs else ""))

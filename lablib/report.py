@@ -70,8 +70,11 @@ def run_command(run_dir: Path, root: Path) -> str:
     if "input_path" not in record:
         raise ReportError(f"{run_dir}: its notebook.ipynb has no papermill record; collect runs made by `lablib run`")
     source = Path(record["input_path"])
-    if source.is_absolute() and source.is_relative_to(root):
-        source = source.relative_to(root)
+    if source.is_absolute():  # as a path inside the checkout that holds the notebook
+        from lablib.runs import project_root as find
+
+        checkout = find(source.parent) or root
+        source = source.relative_to(checkout) if source.is_relative_to(checkout) else source
     params = dict(record.get("parameters", {}))
     parts = ["lablib", "run", str(source), "--preset", str(params.pop("preset", "cpu"))]
     params.pop("run_dir", None)

@@ -119,15 +119,14 @@ def collect(run_dirs: Sequence[str | Path], root: Path | None = None, collected_
         raise ReportError(f"--collect: each seed once, got seeds {seeds}")
     per_seed = {str(seed): {"run": str(d.resolve().relative_to(d.resolve().parents[1])),
                             "command": run_command(d, root), "headline": results["headline"],
-                            "results": _numbers(results), "provenance": params.get("provenance"),
-                            "measured_on": results.get("measured_on")}
-                for seed, (d, params, results) in zip(seeds, runs)}
+                            "results": _numbers(results)}
+                for seed, (d, _, results) in zip(seeds, runs)}
     headline = aggregate_seeds({seed: row["headline"] for seed, row in per_seed.items()})
     out = {"experiment": experiment, "preset": first.get("preset"), "seeds": seeds, "split": headline.split,
            "headline": headline.to_dict(), "commands": [row["command"] for row in per_seed.values()],
            "collected_with": collected_with or shlex.join(["lablib", "report", "--collect", *map(str, run_dirs)]),
-           "provenance": {seed: row["provenance"] for seed, row in per_seed.items()},
-           "measured_on": {seed: row["measured_on"] for seed, row in per_seed.items()},
+           "provenance": {str(seed): params.get("provenance") for seed, (_, params, _) in zip(seeds, runs)},
+           "measured_on": {str(seed): results.get("measured_on") for seed, (_, _, results) in zip(seeds, runs)},
            "per_seed": per_seed}
     path = results_root(root) / experiment / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -122,9 +122,8 @@ class ObjectivesRunConfig(ModelConfig, TrainConfig, DataConfig, ObjectiveConfig)
                                 min=0.0, max=0.5, min_exclusive=True)
     contrastive_pairs: Literal["pretraining", "all"] = knob(
         "all", "contrastive: where its (docstring, function) training pairs come from. all: every file of the corpus "
-        "that is neither held out for evaluation nor in the LM validation split (6,933 pairs at cpu); pretraining: "
-        "the LM training documents only, so corpus_max_chars caps them too (1,392 at cpu, which 400 steps of 16 "
-        "overfit: held-out InfoNCE loss 4.4, above the untrained model's 3.75)")
+        "that is neither held out for evaluation nor in the LM validation split; pretraining: the LM training "
+        "documents only, so corpus_max_chars caps them too")
     eval_pairs: int = knob(300, "docstring->function pairs in the retrieval pool", min=2)
     eval_doc_tokens: int = knob(48, "tokens kept of each docstring query", min=1)
     eval_code_tokens: int = knob(128, "tokens kept of each function", min=1)

@@ -523,7 +523,7 @@ class ObjectiveSpec:
     build: Callable[[Any, Any, int], Objective]  # (config, tokenizer, total micro-batches) -> objective
     reads: Literal["causal", "bidirectional"]  # how a model trained with it reads a text (embeddings)
     next_token: bool  # its model predicts the next token (held-out next-token loss is defined)
-    model: str = "transformer"  # the decoder-only model it trains: a key of DECODER_MODELS
+    model: str = "transformer"  # the decoder-only model it needs: a key of DECODER_MODELS (each one is a Transformer)
     encoder_decoder: bool = False  # it also trains the T5-shaped encoder-decoder
     pairs: bool = False  # its batches need (doc_ids, code_ids) pairs, see ObjectiveBatches
     combines: bool = False  # built from other objectives (mixture, biphasic)
@@ -632,9 +632,9 @@ class ObjectiveConfig(Config):
         if bad or not self.mixture_weights or sum(self.mixture_weights.values()) <= 0:
             raise ConfigError(f"parameter 'mixture_weights': expected non-negative numbers with a positive sum, "
                               f"got {self.mixture_weights}")
-        models = sorted({OBJECTIVES[p].model for p in self.components()})
-        if len(models) > 1:
-            raise ConfigError(f"parameter 'objective': its parts need different models ({', '.join(models)}); "
+        heads = sorted({s.model for s in self.specs()} - {"transformer"})  # every model is also a plain transformer
+        if len(heads) > 1:
+            raise ConfigError(f"parameter 'objective': its parts need different models ({', '.join(heads)}); "
                               "combine objectives that train the same one")
         for part in self.components():
             OBJECTIVES[part].check(self)
@@ -658,7 +658,8 @@ class ObjectiveConfig(Config):
 
     def decoder_model(self, vocab_size: int) -> tuple[type, ModelConfig]:
         """(class, config) of the decoder-only model this objective trains, over `vocab_size` ids."""
-        cls, cfg_cls, extra = DECODER_MODELS[self.specs()[0].model]
+        heads = [s.model for s in self.specs() if s.model != "transformer"]
+        cls, cfg_cls, extra = DECODER_MODELS[heads[0] if heads else "transformer"]
         names = [f.name for f in dataclasses.fields(ModelConfig)] + list(extra)
         return cls, cfg_cls(**{**{n: getattr(self, n) for n in names}, "vocab_size": vocab_size})
 

@@ -43,6 +43,8 @@ def test_checks_and_choices_follow_each_entrys_needs():
         ObjectivesRunConfig.resolve("smoke", objective="multi_token", n_layer=1)
     with pytest.raises(ConfigError, match="token blocks only"):
         LMConfig.resolve("smoke", objective="contrastive")
+    mixed = ObjectivesRunConfig.resolve("smoke", objective="mixture", mixture_weights={"clm": 1, "multi_token": 1})
+    assert mixed.decoder_model(50)[0].__name__ == "MultiTokenTransformer"  # clm trains on any decoder
     assert ObjectivesRunConfig.resolve("smoke", objective="future_token").embedding_mask() == "causal"
     assert ObjectivesRunConfig.resolve("smoke", objective="gpt_bert").predicts_next_token()
     assert not ObjectivesRunConfig.resolve("smoke", objective="mlm").predicts_next_token()

@@ -6,7 +6,7 @@ Three numbers in tokens per second, measured in this process:
 - batches: `TokenBlocks.batch(index, ...)`, the per-step work inside the training
   loop, for corpora of 10^3 to 10^6 blocks (a zero-copy block table stands in for
   the big ones: the cost is in choosing rows, not in their contents).
-- consume: training steps of the `cpu` preset's model (`lablib.lm.LMConfig`), the
+- consume: training steps of the `cpu` preset's model (`lablib.experiments.quickstart.LMConfig`), the
   rate the pipeline has to keep up with on this machine.
 Headroom = pipeline rate / consumption; above 1 the data never waits.
 
@@ -25,7 +25,7 @@ import torch
 from common import machine, markdown_table, median, stamp, update_readme, write_results
 
 from lablib.data import TokenBlocks, load_corpus, train_tokenizer
-from lablib.lm import LMConfig, build_model
+from lablib.experiments.quickstart import LMConfig, build_model
 from lablib.objectives import CausalLM
 from lablib.train import make_optimizer, resolve_hardware
 

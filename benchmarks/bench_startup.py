@@ -28,7 +28,7 @@ from common import interleaved, machine, markdown_table, median, stamp, update_r
 
 PARAMETERS = 'preset = None\nrun_dir = None\noverrides = {}\nsteps = None'
 BODY = ('from lablib.config import notebook_config\n'
-        'from lablib.lm import LMConfig\n'
+        'from lablib.experiments.quickstart import LMConfig\n'
         'from lablib.runs import start_run\n'
         'cfg = notebook_config(LMConfig, globals())\n'
         'run = start_run("startup", cfg, run_dir)\n'
@@ -38,7 +38,7 @@ BODY = ('from lablib.config import notebook_config\n'
 def write_notebook(path: Path) -> None:
     params = nbformat.v4.new_code_cell(PARAMETERS, metadata={"tags": ["parameters"]})
     nb = nbformat.v4.new_notebook(cells=[params, nbformat.v4.new_code_cell(BODY)])
-    nb.metadata["lablib"] = {"experiment": "startup", "config": "lablib.lm:LMConfig"}
+    nb.metadata["lablib"] = {"experiment": "startup", "config": "lablib.experiments.quickstart:LMConfig"}
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, path)
 

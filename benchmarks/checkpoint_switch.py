@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved, machine, machine_line, markdown_table, median, update_readme, write_results  # noqa: E402
 
-from lablib.analysis import analyze_prompt  # noqa: E402
+from lablib.interp.analysis import analyze_prompt  # noqa: E402
 from lablib.checkpoints import save_checkpoint  # noqa: E402
 from lablib.config import ModelConfig  # noqa: E402
 from lablib.data import char_tokenizer  # noqa: E402

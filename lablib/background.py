@@ -1,7 +1,7 @@
 """Live runs: train in a background thread, and follow a run folder while something writes it.
 
 Notable here:
-- `train_in_background(fn, ...)` runs a training call (`lablib.lm.pretrain`,
+- `train_in_background(fn, ...)` runs a training call (`lablib.experiments.quickstart.pretrain`,
   `lablib.train.train`, ...) in a daemon thread so a notebook stays usable while it
   trains; `stop()` ends it cleanly after the current step through the loop's
   callbacks (when the call accepts `callbacks`), `wait()` returns its result or

@@ -29,6 +29,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from lablib.seeding import torch_generator
+
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<mask>", "<eos>")
 
 
@@ -244,7 +246,7 @@ def pack(ds, block_len: int) -> torch.Tensor:
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The order of n blocks in `epoch`; cached, because drawing it costs O(n) and a batch reads O(batch_size) of it
     (uncached, 10^6 blocks cost 240 ms per micro-batch: benchmarks/README.md, data pipeline)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return torch.randperm(n, generator=torch_generator(seed, "epoch_order", epoch))
 
 
 @dataclass

@@ -15,7 +15,7 @@ Notable here:
   `load_gpt2_tokenizer(folder)` reads its tokenizer (tokenizer.json, or GPT-2's
   vocab.json + merges.txt) with the `tokenizers` library, exposing what the
   lab's analyses use (`encode`, `decode`, `token_strings`, `eos_id`), so
-  `lablib.analysis.analyze_prompt(model, tokenizer, text)` works on GPT-2.
+  `lablib.interp.analysis.analyze_prompt(model, tokenizer, text)` works on GPT-2.
 - GPT-2 variants the lab's model cannot express exactly (cross-attention,
   attention scaled by 1/layer, unscaled attention, an unknown activation) are
   refused with a one-line error instead of converted approximately.
@@ -168,7 +168,7 @@ def load_gpt2(folder: str | Path) -> Transformer:
 
 
 class GPT2Tokenizer:
-    """A GPT-2 checkpoint's byte-level BPE with the interface `lablib.analysis` reads.
+    """A GPT-2 checkpoint's byte-level BPE with the interface `lablib.interp.analysis` reads.
 
     Unlike `lablib.data.Tokenizer` it has no <pad>/<unk>/<mask> tokens (GPT-2 never had
     them); `eos_id` is GPT-2's <|endoftext|>.

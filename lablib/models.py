@@ -18,6 +18,7 @@ Notable here:
   (T5-shaped; `DecoderBlock` adds cross-attention), `MultiTokenTransformer` (Gloeckle
   et al.'s n heads on a shared trunk) and `FutureTokenTransformer` (Walker's
   pseudo-sequence decoder). Each has its own config subclass with its extra knobs.
+- `TabularPFN`: the same transformer over table rows (TabPFN), for in-context classification.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Literal
 
 import torch
 import torch.nn as nn
@@ -542,3 +543,77 @@ class FutureTokenTransformer(Transformer):
 
     def next_token_logits(self, idx: torch.Tensor) -> torch.Tensor:
         return self.future_logits(idx, idx[:, :, None])[:, :, 0]
+
+# --- the tabular PFN: in-context classification of table rows ------------------------------------
+# `Transformer` with no positional encoding, fed ready-made row embeddings: a linear encoder of a
+# row's features plus the embedding of its label. Labels are the transformer's tokens: ids
+# 0..max_classes-1 are classes and id `max_classes` means "label hidden", so a query row carries the
+# same features-only embedding whatever its true label. One custom attention mask does the in-context
+# learning: every row attends to the training rows only. A variable number of features (zero-padded
+# up to `max_features`, rescaled by max_features / used, as in TabPFN) and of classes (absent classes'
+# logits masked). Hook points keep their names under `transformer.`.
+
+@dataclass
+class TabularPFNConfig(ModelConfig):
+    """The transformer knobs plus the largest table the network takes."""
+
+    max_features: int = knob(16, "features per row the network takes (fewer are zero-padded)", min=1)
+    max_classes: int = knob(10, "classes the network can tell apart", min=2)
+    vocab_size: int = knob(11, "label tokens: max_classes classes + 1 'label hidden' (set from max_classes)", min=3)
+    mask: Literal["causal", "prefix", "bidirectional", "custom"] = knob("custom", "rows attend to training rows only")
+    pos: Literal["learned", "sinusoidal", "rope", "none"] = knob("none", "rows are a set: no positions")
+    tie_embeddings: bool = knob(False, "label embeddings and class head are separate, as in TabPFN")
+
+    def __post_init__(self):
+        self.vocab_size = self.max_classes + 1
+
+
+class TabularPFN(nn.Module):
+    """Rows in, class logits out: (B, N, F) features and (B, N) labels -> (B, N, max_classes)."""
+
+    def __init__(self, cfg: TabularPFNConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.row_encoder = nn.Linear(cfg.max_features, cfg.d_model)
+        self.transformer = Transformer(cfg)
+        self.hidden_label = cfg.max_classes  # the token of a row whose label the model may not see
+
+    def attention_mask(self, n_rows: int, n_train: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(n_rows, n_rows) boolean, True = may attend: every row attends to the training rows only."""
+        keys = torch.arange(n_rows, device=device) < n_train
+        return keys[None, :].expand(n_rows, n_rows)
+
+    def embed_rows(self, x: torch.Tensor, y: torch.Tensor, n_train: int,
+                   n_features: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, F_in = x.shape
+        if F_in > self.cfg.max_features:
+            raise ValueError(f"x has {F_in} features; this model takes at most max_features={self.cfg.max_features}")
+        used = torch.full((B,), F_in, device=x.device) if n_features is None else n_features.to(x.device)
+        x = F.pad(x, (0, self.cfg.max_features - F_in)) * (self.cfg.max_features / used.clamp(min=1))[:, None, None]
+        is_query = torch.arange(N, device=x.device)[None, :] >= n_train
+        tokens = torch.where(is_query, torch.full_like(y, self.hidden_label), y)  # query labels never enter
+        return self.row_encoder(x) + self.transformer.embed(tokens)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, n_train: int | torch.Tensor,
+                n_features: torch.Tensor | None = None, n_classes: torch.Tensor | None = None) -> torch.Tensor:
+        """Class logits for every row (B, N, max_classes); classes >= n_classes (per task) get -inf.
+
+        x: (B, N, F<=max_features) standardised features; y: (B, N) labels, of which only
+        the first n_train rows' are read; n_features: (B,) features actually used when x
+        is zero-padded per task.
+        """
+        n_train = int(n_train)
+        h = self.transformer.trunk(embeds=self.embed_rows(x, y, n_train, n_features),
+                                   attn_mask=self.attention_mask(x.shape[1], n_train, x.device))
+        logits = self.transformer.head(h)[..., : self.cfg.max_classes]
+        if n_classes is not None:
+            absent = torch.arange(self.cfg.max_classes, device=x.device)[None, :] >= n_classes.to(x.device)[:, None]
+            logits = logits.masked_fill(absent[:, None, :], float("-inf"))
+        return logits
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per row (the training loop's 'token'); see Transformer.flops_per_token."""
+        return self.transformer.flops_per_token(seq_len) + 6 * self.row_encoder.weight.numel()

@@ -6,22 +6,30 @@ Notable here:
   seeded torch.Generator the training loop owns (so masking is reproducible and a
   resumed run draws the same masks). New objectives plug in by implementing it;
   the training loop never changes.
-- `OBJECTIVES` is a table from name to constructor; `make_objective(name, ...)`
-  builds one by name.
+- `OBJECTIVES` is the one table of objectives: each `ObjectiveSpec` holds its builder and
+  what it needs (causal or bidirectional reading, next-token prediction, the model class
+  with its heads, the encoder-decoder, contrastive pairs, extra ids, config checks).
+  Config choices and validation are derived from it, so a new objective is one
+  `register_objective` entry; modules named in $LABLIB_PLUGINS (comma-separated) are
+  imported before the table is read, so an objective defined outside the lab can register.
 - Losses are mean token cross-entropy over the positions the objective scores;
   `metrics["tokens_scored"]` says how many that was.
-- The suite (issue 4): T5 span corruption with sentinels (encoder-decoder, or one
+- The suite: T5 span corruption with sentinels (encoder-decoder, or one
   non-causal decoder row), multi-token prediction (Gloeckle et al. 2024), future-token
   prediction (Walker 2024), the GPT-BERT hybrid (masked next-token + causal rows),
   contrastive docstring<->code InfoNCE (CodeT5+), per-batch `Mixture`s and mid-run
   `Schedule`s (biphasic CLM->MLM). Every masking draw uses the loop's generator.
 - `ObjectiveConfig` holds every objective knob; `build_objective(cfg, tokenizer, total_batches)`
-  builds one from it. `ObjectiveBatches` adds what schedules (`index`) and contrastive
+  builds one from it and `decoder_model` names the model it trains. `ObjectiveBatches` adds what schedules (`index`) and contrastive
   (`doc_ids`, `code_ids`) need to the LM batches, so the training loop stays as it is.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Protocol
 
@@ -29,7 +37,10 @@ import torch
 import torch.nn.functional as F
 
 from lablib.checkpoints import unwrap  # extra methods (encode, multi_token_logits) live on the plain module
-from lablib.config import Config, ConfigError, knob
+from lablib.config import Config, ConfigError, ModelConfig, knob
+from lablib.models import (FutureTokenConfig, FutureTokenTransformer, MultiTokenConfig, MultiTokenTransformer,
+                           Transformer)
+from lablib.seeding import torch_generator
 
 IGNORE = -100  # label value for positions that carry no loss (cross_entropy's ignore_index)
 
@@ -497,40 +508,96 @@ class ObjectiveBatches:
         if self.pairs:
             if self.n_pairs() < batch_size:  # a repeated pair would be its own negative
                 raise ValueError(f"pairs: expected at least batch_size={batch_size} pairs, got {self.n_pairs()}")
-            rows = torch.randperm(self.n_pairs(), generator=torch.Generator().manual_seed(seed * 999_983 + index))[:batch_size]
+            rows = torch.randperm(self.n_pairs(), generator=torch_generator(seed, "pairs", index))[:batch_size]
             out.update({name: t[rows] for name, t in self.pairs.items()})
         return out
 
 
-OBJECTIVES: dict[str, Callable[..., Objective]] = {
-    "clm": CausalLM,
-    "prefix_lm": PrefixLM,
-    "mlm": MaskedLM,
-    "span_corruption": SpanCorruption,
-    "multi_token": MultiTokenPrediction,
-    "future_token": FutureTokenPrediction,
-    "gpt_bert": GPTBERT,
-    "contrastive": Contrastive,
-    "mixture": Mixture,
-    "schedule": Schedule,
+# --- the objective registry: one entry per objective, everything else derived from it ------------
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """An objective's builder and what it needs from the model, the data and the evaluation."""
+
+    name: str
+    build: Callable[[Any, Any, int], Objective]  # (config, tokenizer, total micro-batches) -> objective
+    reads: Literal["causal", "bidirectional"]  # how a model trained with it reads a text (embeddings)
+    next_token: bool  # its model predicts the next token (held-out next-token loss is defined)
+    model: str = "transformer"  # the decoder-only model it needs: a key of DECODER_MODELS (each one is a Transformer)
+    encoder_decoder: bool = False  # it also trains the T5-shaped encoder-decoder
+    pairs: bool = False  # its batches need (doc_ids, code_ids) pairs, see ObjectiveBatches
+    combines: bool = False  # built from other objectives (mixture, biphasic)
+    extra_ids: Callable[[Any], int] = lambda cfg: 0  # ids the model needs beyond the tokenizer's
+    check: Callable[[Any], None] = lambda cfg: None  # raises ConfigError when the config cannot train it
+
+
+OBJECTIVES: dict[str, ObjectiveSpec] = {}
+
+
+def register_objective(name: str, *, reads: str, next_token: bool, **needs: Any):
+    """Decorator: register `build(cfg, tokenizer, total_batches) -> Objective` as objective `name`."""
+    def add(build):
+        if name in OBJECTIVES:
+            raise ValueError(f"objective {name!r} is registered twice")
+        OBJECTIVES[name] = ObjectiveSpec(name, build, reads, next_token, **needs)
+        return build
+    return add
+
+
+def _span_rows_fit(cfg) -> None:
+    """A decoder-only model reads span corruption's inputs and targets as one row: it must fit."""
+    longest = cfg.seq_len + 2 * math.ceil(cfg.seq_len * cfg.noise_density / cfg.mean_span_length) + 2
+    if getattr(cfg, "architecture", "decoder") == "decoder" and cfg.max_seq_len < longest:
+        raise ConfigError(f"parameter 'max_seq_len': span_corruption rows on a decoder need >= {longest}, "
+                          f"got {cfg.max_seq_len}")
+
+
+def _trunk_and_head(cfg) -> None:
+    if cfg.n_layer < 2:
+        raise ConfigError(f"parameter 'n_layer': multi_token needs a trunk and a head block, expected >= 2, "
+                          f"got {cfg.n_layer}")
+
+
+register_objective("clm", reads="causal", next_token=True)(lambda cfg, tok, n: CausalLM())
+register_objective("prefix_lm", reads="bidirectional", next_token=True, encoder_decoder=True)(
+    lambda cfg, tok, n: PrefixLM(pad_id=tok.pad_id))
+register_objective("mlm", reads="bidirectional", next_token=False)(
+    lambda cfg, tok, n: MaskedLM(tok.mask_id, tok.vocab_size, cfg.mask_ratio, tok.special_ids))
+register_objective("span_corruption", reads="bidirectional", next_token=False, encoder_decoder=True,
+                   extra_ids=lambda cfg: cfg.n_sentinels, check=_span_rows_fit)(
+    lambda cfg, tok, n: SpanCorruption(tok.vocab_size, cfg.n_sentinels, tok.eos_id, tok.pad_id, cfg.noise_density,
+                                       cfg.mean_span_length))
+register_objective("multi_token", reads="causal", next_token=True, model="multi_token", check=_trunk_and_head)(
+    lambda cfg, tok, n: MultiTokenPrediction())
+register_objective("future_token", reads="causal", next_token=True, model="future_token")(
+    lambda cfg, tok, n: FutureTokenPrediction(cfg.future_gamma, tok.pad_id))
+register_objective("gpt_bert", reads="bidirectional", next_token=True)(
+    lambda cfg, tok, n: GPTBERT(tok.mask_id, tok.vocab_size, cfg.mask_ratio, cfg.causal_fraction, tok.special_ids))
+register_objective("contrastive", reads="bidirectional", next_token=False, encoder_decoder=True, pairs=True)(
+    lambda cfg, tok, n: Contrastive(tok.pad_id, cfg.contrastive_temperature))
+register_objective("mixture", reads="bidirectional", next_token=False, encoder_decoder=True, combines=True)(
+    lambda cfg, tok, n: Mixture({name: build_objective_named(name, cfg, tok, n) for name in cfg.mixture_weights},
+                                dict(cfg.mixture_weights)))
+register_objective("biphasic", reads="bidirectional", next_token=False, combines=True)(
+    lambda cfg, tok, n: Schedule([(build_objective_named(cfg.biphasic_first, cfg, tok, n), cfg.biphasic_split),
+                                  (build_objective_named(cfg.biphasic_second, cfg, tok, n), 1.0 - cfg.biphasic_split)],
+                                 n, name="biphasic"))
+
+for _plugin in filter(None, os.environ.get("LABLIB_PLUGINS", "").split(",")):  # modules that register objectives
+    importlib.import_module(_plugin.strip())
+
+SIMPLE_OBJECTIVES = tuple(name for name, spec in OBJECTIVES.items() if not spec.combines)
+ObjectiveName = Literal[tuple(OBJECTIVES)]
+SimpleObjectiveName = Literal[SIMPLE_OBJECTIVES]
+
+DECODER_MODELS = {  # ObjectiveSpec.model -> (model class, its config class, extra config knobs it reads)
+    "transformer": (Transformer, ModelConfig, ()),
+    "multi_token": (MultiTokenTransformer, MultiTokenConfig, ("n_future",)),
+    "future_token": (FutureTokenTransformer, FutureTokenConfig, ("n_future",)),
 }
 
 
-def make_objective(name: str, **kwargs: Any) -> Objective:
-    if name not in OBJECTIVES:
-        raise ValueError(f"objective: expected one of {', '.join(OBJECTIVES)}, got {name!r}")
-    return OBJECTIVES[name](**kwargs)
-
-
 # --- building an objective from a config ---------------------------------------------------------
-
-SIMPLE_OBJECTIVES = ("clm", "prefix_lm", "mlm", "span_corruption", "multi_token", "future_token", "gpt_bert",
-                     "contrastive")
-ObjectiveName = Literal["clm", "prefix_lm", "mlm", "span_corruption", "multi_token", "future_token", "gpt_bert",
-                        "contrastive", "mixture", "biphasic"]
-SimpleObjectiveName = Literal["clm", "prefix_lm", "mlm", "span_corruption", "multi_token", "future_token",
-                              "gpt_bert", "contrastive"]
-
 
 @dataclass
 class ObjectiveConfig(Config):
@@ -565,36 +632,46 @@ class ObjectiveConfig(Config):
         if bad or not self.mixture_weights or sum(self.mixture_weights.values()) <= 0:
             raise ConfigError(f"parameter 'mixture_weights': expected non-negative numbers with a positive sum, "
                               f"got {self.mixture_weights}")
+        heads = sorted({s.model for s in self.specs()} - {"transformer"})  # every model is also a plain transformer
+        if len(heads) > 1:
+            raise ConfigError(f"parameter 'objective': its parts need different models ({', '.join(heads)}); "
+                              "combine objectives that train the same one")
+        for part in self.components():
+            OBJECTIVES[part].check(self)
 
     def components(self) -> list[str]:
         """The simple objectives this config trains with."""
         return {"mixture": list(self.mixture_weights),
                 "biphasic": [self.biphasic_first, self.biphasic_second]}.get(self.objective, [self.objective])
 
+    def specs(self) -> list[ObjectiveSpec]:
+        return [OBJECTIVES[p] for p in self.components()]
 
-SIMPLE_BUILDERS: dict[str, Callable[[ObjectiveConfig, Any], Objective]] = {
-    "clm": lambda cfg, tok: CausalLM(),
-    "prefix_lm": lambda cfg, tok: PrefixLM(pad_id=tok.pad_id),
-    "mlm": lambda cfg, tok: MaskedLM(tok.mask_id, tok.vocab_size, cfg.mask_ratio, tok.special_ids),
-    "span_corruption": lambda cfg, tok: SpanCorruption(tok.vocab_size, cfg.n_sentinels, tok.eos_id, tok.pad_id,
-                                                       cfg.noise_density, cfg.mean_span_length),
-    "multi_token": lambda cfg, tok: MultiTokenPrediction(),
-    "future_token": lambda cfg, tok: FutureTokenPrediction(cfg.future_gamma, tok.pad_id),
-    "gpt_bert": lambda cfg, tok: GPTBERT(tok.mask_id, tok.vocab_size, cfg.mask_ratio, cfg.causal_fraction,
-                                         tok.special_ids),
-    "contrastive": lambda cfg, tok: Contrastive(tok.pad_id, cfg.contrastive_temperature),
-}
+    def embedding_mask(self) -> str:
+        """How the trained model reads a text: as its objective taught it (biphasic: its last phase)."""
+        last = [OBJECTIVES[self.biphasic_second]] if self.objective == "biphasic" else self.specs()
+        return "causal" if all(s.reads == "causal" for s in last) else "bidirectional"
+
+    def extra_ids(self) -> int:
+        """Token ids the model needs beyond the tokenizer's (span corruption's sentinels)."""
+        return max(s.extra_ids(self) for s in self.specs())
+
+    def decoder_model(self, vocab_size: int) -> tuple[type, ModelConfig]:
+        """(class, config) of the decoder-only model this objective trains, over `vocab_size` ids."""
+        heads = [s.model for s in self.specs() if s.model != "transformer"]
+        cls, cfg_cls, extra = DECODER_MODELS[heads[0] if heads else "transformer"]
+        names = [f.name for f in dataclasses.fields(ModelConfig)] + list(extra)
+        return cls, cfg_cls(**{**{n: getattr(self, n) for n in names}, "vocab_size": vocab_size})
+
+
+def build_objective_named(name: str, cfg: ObjectiveConfig, tokenizer, total_batches: int) -> Objective:
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective: expected one of {', '.join(OBJECTIVES)}, got {name!r}")
+    return OBJECTIVES[name].build(cfg, tokenizer, total_batches)
 
 
 def build_objective(cfg: ObjectiveConfig, tokenizer, total_batches: int) -> Objective:
     """The objective `cfg.objective` for data from `tokenizer`; `total_batches` is the run's
     number of micro-batches (schedules switch phase by it). Sentinel ids start at
-    tokenizer.vocab_size, so the model needs vocab_size + n_sentinels ids."""
-    if cfg.objective == "mixture":
-        parts = {name: SIMPLE_BUILDERS[name](cfg, tokenizer) for name in cfg.mixture_weights}
-        return Mixture(parts, dict(cfg.mixture_weights))
-    if cfg.objective == "biphasic":
-        phases = [(SIMPLE_BUILDERS[cfg.biphasic_first](cfg, tokenizer), cfg.biphasic_split),
-                  (SIMPLE_BUILDERS[cfg.biphasic_second](cfg, tokenizer), 1.0 - cfg.biphasic_split)]
-        return Schedule(phases, total_batches, name="biphasic")
-    return SIMPLE_BUILDERS[cfg.objective](cfg, tokenizer)
+    tokenizer.vocab_size, so the model needs vocab_size + cfg.extra_ids() ids."""
+    return build_objective_named(cfg.objective, cfg, tokenizer, total_batches)

@@ -220,12 +220,17 @@ def create_run(experiment: str, params: dict[str, Any], run_dir: str | Path | No
 def start_run(experiment: str, cfg, run_dir: str | Path | None = None, **extra: Any) -> Run:
     """The run folder for a notebook: a new one, or `run_dir` (resumed when it has checkpoints).
 
-    params.json gets the resolved config (`cfg.to_dict()`) and `extra` (e.g. the hardware
-    policy). Reopening a folder made with different parameters is refused before any
-    work, so a resume can never silently mix two settings.
+    params.json gets the resolved config (`cfg.to_dict()`), the hardware policy it resolves
+    to (`hardware`, for a config with the training knobs) and `extra`. Reopening a folder made
+    with different parameters is refused before any work, so a resume can never silently mix
+    two settings.
     """
-    from lablib.config import ConfigError
+    from lablib.config import ConfigError, TrainConfig
 
+    if isinstance(cfg, TrainConfig) and "hardware" not in extra:
+        from lablib.train import policy_record, resolve_hardware
+
+        extra = {"hardware": policy_record(resolve_hardware(cfg.project(TrainConfig))), **extra}
     params = {**cfg.to_dict(), **extra}
     if run_dir is not None and (Path(run_dir) / "params.json").is_file():
         before = json.loads((Path(run_dir) / "params.json").read_text())

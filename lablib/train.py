@@ -30,6 +30,7 @@ import torch
 from lablib.checkpoints import checkpoint_schedule, list_checkpoints, load_checkpoint, save_checkpoint, unwrap
 from lablib.config import ConfigError, TrainConfig
 from lablib.objectives import Objective
+from lablib.seeding import stream_seed
 
 # Dense bf16 peak FLOP/s of GPUs we know, for MFU (vendor datasheets, without sparsity).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
@@ -293,11 +294,11 @@ def train(model: torch.nn.Module, objective: Objective, data: BatchSource, cfg: 
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        torch.manual_seed((cfg.seed * 7919 + step) * world + rank)  # dropout: a function of (seed, step, rank)
+        torch.manual_seed(stream_seed(cfg.seed, "dropout", step, rank))  # dropout: a function of (seed, step, rank)
         step_loss = torch.zeros((), device=policy.device)
         for micro in range(accum):
             index = (step * accum + micro) * world + rank
-            gen.manual_seed(cfg.seed * 1_000_003 + index)  # masks: a function of (seed, micro-batch)
+            gen.manual_seed(stream_seed(cfg.seed, "masks", index))  # masks: a function of (seed, micro-batch)
             batch = _to(data.batch(index, micro_size, cfg.seed), policy.device)
             sync = contextlib.nullcontext() if (dist is None or micro == accum - 1) else net.no_sync()
             with sync:
@@ -350,8 +351,8 @@ def train(model: torch.nn.Module, objective: Objective, data: BatchSource, cfg: 
                 save_checkpoint(run.path, done, model, optimizer,
                                 {"tokens": done * tokens_per_step, "seed": cfg.seed,
                                  "data_position": {"micro_batches": done * accum * world, "batch_size": micro_size},
-                                 "rng": "dropout seed = (seed*7919+step)*world+rank; "
-                                        "masks seed = seed*1000003+micro-batch index"},
+                                 "rng": "lablib.seeding streams: dropout (seed, step, rank), "
+                                        "masks (seed, micro-batch index)"},
                                 keep_last=cfg.keep_last)
             if dist is not None:
                 dist.barrier()

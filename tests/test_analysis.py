@@ -1,4 +1,4 @@
-"""lablib.analysis: attention, top-k, per-token loss, logit lens, probes, patching, checkpoint switching."""
+"""lablib.interp.analysis: attention, top-k, per-token loss, logit lens, probes, patching, checkpoint switching."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lablib.analysis import (CheckpointModel, activation_patching, analyze_prompt, attention_patterns, fit_probe,
+from lablib.interp.analysis import (CheckpointModel, activation_patching, analyze_prompt, attention_patterns, fit_probe,
                              logit_difference, logit_lens, per_token_loss, probe_layers, top_k_predictions)
 from lablib.config import ModelConfig, TrainConfig
 from lablib.data import TokenBlocks, char_tokenizer

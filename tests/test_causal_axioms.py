@@ -10,10 +10,12 @@ import torch
 
 from lablib.config import ConfigError
 from lablib.runs import create_run, open_run
-from lablib.tasks.causal_axioms import (
-    ALPHABET, AnswerLoss, CausalAxiomsConfig, MasteryPacing, TransitivityBatches, answer, answer_log_probs, ask, branching_dag,
-    build_model, encode_answered, encode_examples, encode_packed, evaluation_sets, is_evaluation_graph, largest_chain, linear_chain, longest_name, question_prompt, resumed_stage,
-    task_tokenizer, train_model, training_examples, training_groups, trim_padding)
+from lablib.experiments.causal_axioms import (AnswerLoss, CausalAxiomsConfig, TransitivityBatches, build_model,
+                                              evaluation_sets, largest_chain, longest_name, train_model,
+                                              training_examples, training_groups)
+from lablib.tasks.causal_axioms import (ALPHABET, answer, answer_log_probs, ask, branching_dag, encode_answered,
+                                        encode_examples, encode_packed, is_evaluation_graph, linear_chain,
+                                        question_prompt, task_tokenizer, trim_padding)
 
 
 def small_config(**overrides):
@@ -121,14 +123,6 @@ def test_training_batches_are_reproducible_balanced_and_padded():
     assert all(t.endswith(("? Yes", "? No")) for t in texts)
 
 
-def test_short_chain_fraction_adds_base_cases_to_training_only():
-    cfg = small_config(short_chain_fraction=1.0)
-    train = training_examples(np.random.default_rng(0), cfg, 64)
-    held_out = training_examples(np.random.default_rng(0), cfg, 64, evaluation=True)
-    assert {e.graph.n_nodes for e in train} == {2}
-    assert min(e.graph.n_nodes for e in held_out) >= cfg.train_min_nodes
-
-
 @pytest.mark.parametrize("kind", ["char", "paper"])
 @pytest.mark.parametrize("pos", ["none", "learned", "sinusoidal", "rope"])
 def test_packed_questions_score_exactly_like_single_questions(kind, pos):
@@ -211,48 +205,6 @@ def test_name_curriculum_starts_with_one_character_names():
     held_out = training_examples(rng, cfg, 100, evaluation=True, progress=0.1)
     assert {len(name) for e in held_out for name in e.graph.names} == {1, 2, 3}
     assert longest_name(small_config(curriculum_fraction=0.6), 0.0) == 3  # only with curriculum_names
-
-
-def test_mastery_pacing_waits_for_the_threshold_and_meets_its_deadline():
-    cfg = small_config(curriculum_fraction=0.5, curriculum_mastery=0.9, curriculum_stages=10, mastery_window=3)
-    pacing = MasteryPacing(cfg)
-    assert pacing.effective_progress(0.0) == 0.0
-    for acc in (1.0, 1.0, 0.6, 0.9, 0.9, 0.5, 1.0, 1.0):  # every window of 3 averages under 0.9
-        pacing.record(acc)
-        assert pacing.stage == 0
-    pacing.record(1.0)  # (.5, 1, 1) -> (1, 1, 1): mastered
-    assert pacing.stage == 1 and pacing.recent == []
-    assert pacing.effective_progress(0.0) == pytest.approx(0.05)  # one of 10 stages of a curriculum over 50%
-    pacing.record(1.0)
-    assert pacing.stage == 1  # a fresh window needs 3 batches of the new stage
-    assert pacing.effective_progress(0.3) == pytest.approx(0.3) and pacing.stage == 6  # the deadline's floor
-    assert pacing.metrics() == {"curriculum_stage": 6, "curriculum_nodes": largest_chain(cfg, 0.3)}
-    for _ in range(3 * 10):
-        pacing.record(1.0)
-    assert pacing.stage == 10  # and no further
-    with pytest.raises(ConfigError, match="curriculum_fraction"):
-        small_config(curriculum_fraction=0.0, curriculum_mastery=0.9)
-
-
-def test_mastery_paced_batches_follow_the_stage_and_a_resumed_run_reads_it_back(tmp_path):
-    cfg = small_config(steps=8, curriculum_fraction=0.9, curriculum_mastery=0.99, curriculum_stages=4,
-                       mastery_window=2, checkpoint_every=4, log_every=4, eval_every=4, accuracy_every=4)
-    tok = task_tokenizer()
-    pacing = MasteryPacing(cfg)
-    source = TransitivityBatches(cfg, tok, pacing)
-
-    def nodes(batch):
-        return {tok.decode(row.tolist()).split("Does")[0].count("causes") + 1 for row in batch["tokens"]}
-
-    assert nodes(source.batch(0, 16, seed=0)) == {2}  # stage 0: 2-node chains
-    pacing.stage = 4  # mastered: the paper's sizes, whatever the step
-    assert nodes(source.batch(1, 64, seed=0)) == {3, 4, 5, 6}
-
-    run = create_run("causal_axioms_test", cfg.to_dict(), tmp_path / "run")
-    train_model(cfg, run, progress=False)
-    logged = {r["step"]: r["curriculum_stage"] for r in run.log.rows() if "curriculum_stage" in r}
-    assert set(logged) == {4, 8} and all(0 <= v <= 4 for v in logged.values())
-    assert resumed_stage(run, cfg) == logged[8]
 
 
 def test_char_tokenizer_covers_the_alphabet_without_unknowns():

@@ -1,7 +1,7 @@
 import pytest
 
 from lablib.config import ConfigError, TrainConfig, notebook_config, parse_cli_value
-from lablib.lm import LMConfig
+from lablib.experiments.quickstart import LMConfig
 
 
 def test_presets_override_defaults():

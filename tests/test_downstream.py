@@ -1,4 +1,4 @@
-"""Downstream evaluation: docstring/function pairs, the held-out guarantee, retrieval, probe, FLOPs."""
+"""Code search and the objectives run: docstring/function pairs, the held-out guarantee, retrieval, probe, FLOPs."""
 
 import dataclasses
 import math
@@ -9,12 +9,13 @@ import torch
 
 from lablib.config import ModelConfig
 from lablib.data import load_corpus
-from lablib.downstream import (ObjectivesRunConfig, contrastive_documents, embed, evaluation_documents,
-                               function_pairs, heldout_next_token_loss, is_evaluation_document, package_of,
-                               prepare_pretraining_data, pretraining_documents, probe_dataset, probe_scores,
-                               retrieval_scores, training_flops_per_batch)
+from lablib.experiments.objectives import (ObjectivesRunConfig, contrastive_documents, prepare_pretraining_data,
+                                           training_flops_per_batch)
 from lablib.models import Transformer
 from lablib.objectives import CausalLM, MaskedLM, Mixture
+from lablib.tasks.code_search import (embed, evaluation_documents, function_pairs, heldout_next_token_loss,
+                                      is_evaluation_document, package_of, pretraining_documents, probe_dataset,
+                                      probe_scores, retrieval_scores)
 
 SOURCE = '''
 import os

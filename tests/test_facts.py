@@ -7,11 +7,12 @@ import torch.nn.functional as F
 
 from lablib.config import ConfigError, ModelConfig
 from lablib.models import Transformer
-from lablib.tasks.facts import (REVERSAL_VARIANTS, TEMPLATES, ReversalConfig, ReversalStream, biography,
-                                candidate_logprobs,
+from lablib.experiments.reversal_and_tracing import ReversalConfig
+from lablib.interp.analysis import sequence_logprobs
+from lablib.tasks.facts import (REVERSAL_VARIANTS, TEMPLATES, ReversalStream, biography, candidate_logprobs,
                                 make_reversal_data, make_world, name_ranking, permute_chunks, probes_for,
-                                reversal_tokenizer, reverse_chunks, reverse_tokens, sequence_logprobs,
-                                target_logprobs, word_tokenizer, world_texts)
+                                reversal_tokenizer, reverse_chunks, reverse_tokens, target_logprobs, word_tokenizer,
+                                world_texts)
 
 
 @pytest.fixture(scope="module")

@@ -104,7 +104,7 @@ def test_checkpoint_folder_on_disk_loads(tmp_path):
 def test_checkpoint_on_disk_is_analysed_with_the_lab_tools(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from lablib.analysis import analyze_prompt
+    from lablib.interp.analysis import analyze_prompt
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

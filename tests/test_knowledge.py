@@ -6,7 +6,7 @@ import torch
 
 from lablib.config import ConfigError
 from lablib.data import TokenBlocks
-from lablib.knowledge import (SCENARIOS, InjectionStream, KnowledgeConfig, acquisition, build_setup,
+from lablib.experiments.knowledge_dynamics import (SCENARIOS, InjectionStream, KnowledgeConfig, acquisition, build_setup,
                               fit_power_law, injection_schedule, probe_callback, retainability)
 
 
@@ -74,9 +74,9 @@ def test_too_many_facts_for_one_micro_batch_is_refused():
 
 
 def test_probe_callback_logs_one_value_per_fact_and_kind(setup):
-    from lablib.knowledge import build_model
+    from lablib.seeding import seeded_transformer
 
-    model = build_model(KnowledgeConfig.resolve("smoke"), setup.tokenizer.vocab_size)
+    model = seeded_transformer(KnowledgeConfig.resolve("smoke"), setup.tokenizer.vocab_size)
     row = probe_callback(setup.probes, setup.tokenizer)(0, model)
     assert set(row) == {f"probe/{f}/{k}" for f in setup.probes for k in ("memorization", "semantic", "compositional")}
     assert all(v < 0 for v in row.values())
@@ -117,7 +117,7 @@ def test_a_schedule_that_runs_past_the_end_of_training_is_refused():
 def test_drift_correction_subtracts_the_control_curve_of_the_same_kind():
     import pandas as pd
 
-    from lablib.knowledge import drift_corrected
+    from lablib.experiments.knowledge_dynamics import drift_corrected
 
     curves = pd.DataFrame({"step": [0, 1, 0, 1, 0, 1], "scenario": ["once"] * 2 + ["control"] * 4,
                            "fact": ["once/0"] * 2 + ["control/0"] * 2 + ["control/1"] * 2,
@@ -128,7 +128,7 @@ def test_drift_correction_subtracts_the_control_curve_of_the_same_kind():
 
 
 def test_log_binning_keeps_a_power_law_exact():
-    from lablib.knowledge import log_binned
+    from lablib.experiments.knowledge_dynamics import log_binned
 
     t = np.arange(1, 1001, dtype=float)
     centres, means = log_binned(t, t ** -0.5, n_bins=10)

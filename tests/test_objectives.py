@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lablib.objectives import IGNORE, CausalLM, MaskedLM, PrefixLM, make_objective, mask_tokens
+from lablib.objectives import IGNORE, CausalLM, MaskedLM, PrefixLM, ObjectiveConfig, build_objective, build_objective_named, mask_tokens
 
 
 class RecordingModel(torch.nn.Module):
@@ -88,8 +88,8 @@ def test_same_generator_seed_gives_same_masks():
 
 
 def test_objective_table_refuses_unknown_names():
-    assert make_objective("clm").name == "clm"
+    assert build_objective(ObjectiveConfig.resolve("smoke"), None, 1).name == "clm"
     with pytest.raises(ValueError, match="objective: expected one of"):
-        make_objective("telepathy")
+        build_objective_named("telepathy", ObjectiveConfig(), None, 1)
     with pytest.raises(ValueError, match="mask_ratio"):
         MaskedLM(mask_id=1, vocab_size=10, mask_ratio=1.5)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lablib.config import ConfigError, ModelConfig
-from lablib.downstream import ObjectivesRunConfig
+from lablib.experiments.objectives import ObjectivesRunConfig
 from lablib.models import (EncoderDecoder, EncoderDecoderConfig, FutureTokenConfig, FutureTokenTransformer,
                            MultiTokenConfig, MultiTokenTransformer, Transformer)
 from lablib.objectives import (GPTBERT, IGNORE, CausalLM, Contrastive, FutureTokenPrediction, MaskedLM, Mixture,

@@ -6,7 +6,7 @@ import torch
 from lablib.config import ConfigError, ModelConfig
 from lablib.checkpoints import save_checkpoint
 from lablib.data import char_tokenizer
-from lablib.lm import LMConfig
+from lablib.experiments.quickstart import LMConfig
 from lablib.models import Transformer
 from lablib.runs import MetricsLog, create_run, list_runs, open_run, runs_table, start_run
 

@@ -1,4 +1,4 @@
-"""The tabular prior, the PFN's attention mask and the scikit-learn classifier (lablib.tabular)."""
+"""The tabular prior, the PFN's attention mask and the scikit-learn classifier (lablib.experiments.tabular_icl)."""
 
 import atexit
 import shutil
@@ -13,8 +13,8 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from lablib.checkpoints import save_checkpoint
 from lablib.config import ConfigError, TrainConfig
 from lablib.runs import create_run
-from lablib.tabular import (InContextClassification, InContextClassifier, TabularICLConfig, TabularPFN,
-                            TabularPFNConfig, build_pfn)
+from lablib.experiments.tabular_icl import InContextClassification, InContextClassifier, TabularICLConfig, build_pfn
+from lablib.models import TabularPFN, TabularPFNConfig
 from lablib.tasks.scm_prior import TabularPrior
 from lablib.train import train
 

@@ -6,9 +6,8 @@ import torch
 
 from lablib.config import ModelConfig
 from lablib.models import Transformer
-from lablib.tracing import (SITES, edit_layer, edit_scores, embedding_noise_std, rank_one_edit, restored_probability,
-                            site_name,
-                            subject_positions, trace_fact)
+from lablib.interp.tracing import (SITES, edit_layer, edit_scores, embedding_noise_std, rank_one_edit,
+                                   restored_probability, site_name, subject_positions, trace_fact)
 
 IDS = [3, 7, 8, 11, 12, 13, 14]
 SUBJECT = [1, 2]

@@ -160,7 +160,7 @@ def test_comparison_follows_the_left_runs_step_and_prompt(tiny_run, copied_run):
 
 
 def test_patching_and_probe_figures_draw_the_results():
-    from lablib.analysis import PatchingResult
+    from lablib.interp.analysis import PatchingResult
     from widgets.plots import patching_figure, probe_figure
 
     result = PatchingResult(effect=np.array([[0.0, 2.0], [1.0, 1.0]]), clean=3.0, corrupted=1.0, site="resid_pre")

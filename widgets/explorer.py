@@ -5,7 +5,7 @@ Notable here:
   run's complete checkpoints, loss and metric curves with a marker at that step, a
   prompt box, the prompt coloured by per-token loss with the top-k predictions, an
   attention heatmap with layer / head pickers and the logit-lens table. Everything
-  it shows is computed by `lablib.analysis` and drawn by `widgets.plots`.
+  it shows is computed by `lablib.interp.analysis` and drawn by `widgets.plots`.
 - Live: a daemon thread polls the run folder (`lablib.background.RunWatcher`) every
   `poll_interval` seconds; new metric rows extend the curves and new checkpoints
   extend the slider (which follows the newest one if it was on the newest). Only
@@ -32,7 +32,7 @@ import ipywidgets as w
 import pandas as pd
 import plotly.graph_objects as go
 
-from lablib.analysis import CheckpointModel, PromptAnalysis
+from lablib.interp.analysis import CheckpointModel, PromptAnalysis
 from lablib.background import RunWatcher
 from widgets.plots import attention_figure, curves_figure, extra_metrics, logit_lens_figure, tokens_html
 

@@ -1,4 +1,4 @@
-"""Plain plotly figures (and one HTML table) of `lablib.analysis` results; no math here.
+"""Plain plotly figures (and one HTML table) of `lablib.interp.analysis` results; no math here.
 
 Notable here:
 - Each builder takes a computed result and returns a `go.Figure`; the checkpoint
@@ -20,7 +20,7 @@ import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
-from lablib.analysis import PatchingResult, PromptAnalysis
+from lablib.interp.analysis import PatchingResult, PromptAnalysis
 
 VISIBLE = str.maketrans({" ": "␣", "\n": "⏎", "\t": "⇥", "\r": "␍"})
 CURVE_COLUMNS = ("step", "tokens", "loss", "val_loss")  # drawn in the left panel or used as axes

@@ -1,1 +1,1 @@
-"""Synthetic task generators (vectorized or fast, seeded) and their evaluators."""
+"""Task data generators (vectorized or fast, seeded) and their scoring; no config classes and no training (those live in `lablib.experiments`)."""

@@ -22,8 +22,8 @@ Notable here:
 - `name_ranking` scores every entity name as the continuation of a prompt: the
   target's rank among all names, and greedy exact match. Names that share a first
   token share a forward pass (`candidate_logprobs`).
-- `ReversalConfig`, `train_reversal_variant` and `reversal_accuracy` are the reversal
-  experiment (notebook 06): one fresh model per variant, scored forward and reverse.
+- `reversal_accuracy` scores a model forward and reverse on the reversal data (the
+  experiment is `lablib.experiments.reversal_and_tracing`).
 - Why a word-level tokenizer and not characters or BPE: the reverse direction is only
   learnable when a name survives the transform as a unit. With one token per word, a
   chunk-level transform moves whole names, while a token-level reversal splits every
@@ -32,17 +32,16 @@ Notable here:
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lablib.config import ConfigError, ModelConfig, TrainConfig, knob
 from lablib.data import SPECIAL_TOKENS, Tokenizer
+from lablib.interp.analysis import greedy_continuation, sequence_logprobs
 
 ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "tr", "th"]
 VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
@@ -198,40 +197,6 @@ def word_tokenizer(texts: Sequence[str]) -> Tokenizer:
 
 # --- scoring -------------------------------------------------------------------------------
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def sequence_logprobs(model: torch.nn.Module, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
-                      batch_size: int = 512) -> torch.Tensor:
-    """log p(target | prompt) summed over exactly the target tokens, one value per pair (float64, CPU).
-
-    Rows are right-padded: under the causal mask padding after the target cannot change it.
-    """
-    if len(prompts) != len(targets):
-        raise ValueError(f"prompts and targets: expected equal lengths, got {len(prompts)} and {len(targets)}")
-    was_training = model.training
-    model.eval()
-    device = _model_device(model)
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        ps, ts = prompts[start:start + batch_size], targets[start:start + batch_size]
-        rows = [list(p) + list(t) for p, t in zip(ps, ts)]
-        width = max(map(len, rows))
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        scored = torch.zeros(len(rows), width, dtype=torch.bool)  # True where the *next* token is a target token
-        for i, (p, t) in enumerate(zip(ps, ts)):
-            ids[i, :len(p) + len(t)] = torch.tensor(list(p) + list(t))
-            scored[i, len(p) - 1:len(p) + len(t) - 1] = True
-        logp = F.log_softmax(model(ids.to(device), mask="causal").float(), dim=-1).cpu().double()
-        next_ids = torch.roll(ids, -1, dims=1)
-        token_logp = logp.gather(-1, next_ids[..., None])[..., 0]
-        out.append((token_logp * scored).sum(1))
-    model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
-
-
 def encode_probe(tokenizer: Tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:
     """Token ids of a probe; the prompt starts with <eos>, as every sentence does in training."""
     return [tokenizer.eos_id] + tokenizer.encode(prompt), tokenizer.encode(target)
@@ -241,25 +206,6 @@ def target_logprobs(model: torch.nn.Module, tokenizer: Tokenizer, probes: Sequen
     """Each probe's summed log-probability of its target tokens."""
     pairs = [encode_probe(tokenizer, p.prompt, p.target) for p in probes]
     return sequence_logprobs(model, [a for a, _ in pairs], [b for _, b in pairs]).numpy()
-
-
-@torch.no_grad()
-def greedy_continuation(model: torch.nn.Module, prompts: Sequence[Sequence[int]], n_tokens: int) -> list[list[int]]:
-    """The argmax continuation of `n_tokens` tokens for each prompt (prompts of equal length batch together)."""
-    model.eval()
-    device = _model_device(model)
-    out: list[list[int]] = [[] for _ in prompts]
-    by_len: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_len.setdefault(len(p), []).append(i)
-    for rows in by_len.values():
-        idx = torch.tensor([list(prompts[i]) for i in rows], device=device)
-        for _ in range(n_tokens):
-            nxt = model(idx, mask="causal")[:, -1].argmax(-1, keepdim=True)
-            idx = torch.cat([idx, nxt], 1)
-        for r, i in enumerate(rows):
-            out[i] = idx[r, -n_tokens:].tolist()
-    return out
 
 
 @torch.no_grad()
@@ -273,7 +219,7 @@ def candidate_logprobs(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
                                   [list(q) for _ in prompts for q in prefixes]).view(len(prompts), len(prefixes))
     was_training = model.training
     model.eval()
-    device = _model_device(model)
+    device = next(model.parameters()).device
     last = []
     for start in range(0, len(rows), 512):  # the next-token distribution after each prompt + prefix
         chunk = rows[start:start + 512]
@@ -423,58 +369,12 @@ class ReversalStream:
         return {"tokens": torch.tensor(rows)}
 
 
-# --- the reversal experiment ------------------------------------------------------------------------
-
-@dataclass
-class ReversalConfig(ModelConfig, TrainConfig):
-    n_pairs: int = knob(120, "parent/child pairs (every person belongs to exactly one)", min=2)
-    n_both: int = knob(40, "pairs also written in the reverse wording, to teach it; the rest are the test", min=0)
-    variants: list[str] = knob(list(REVERSAL_VARIANTS), "training-text variants, one run each: " + ", ".join(REVERSAL_VARIANTS))
-    transform_prob: float = knob(0.5, "probability that a training sentence is written through the variant's transform",
-                                 min=0.0, max=1.0)
-
-    presets: ClassVar[dict] = {
-        "smoke": dict(n_pairs=12, n_both=4, steps=30, n_layer=2, n_head=2, d_model=32, seq_len=32, max_seq_len=32,
-                      batch_size=16, warmup_steps=5, log_every=10, checkpoint_every=10, num_threads=1),
-        "cpu": dict(n_pairs=120, n_both=40, steps=600, n_layer=4, n_head=4, d_model=128, seq_len=32, max_seq_len=32,
-                    batch_size=32, learning_rate=2e-3, warmup_steps=100, weight_decay=0.1, log_every=50,
-                    checkpoint_every=250,
-                    num_threads=1),  # a model this small runs fastest on one thread, above all on a busy machine
-        "gpu": dict(n_pairs=1000, n_both=300, steps=6000, n_layer=8, n_head=8, d_model=512, seq_len=64, max_seq_len=64,
-                    batch_size=128, learning_rate=6e-4, warmup_steps=300, log_every=50, checkpoint_every=1000),
-    }
-
-    def validate(self) -> None:
-        super().validate()
-        unknown = [v for v in self.variants if v not in REVERSAL_VARIANTS]
-        if unknown or not self.variants:
-            raise ConfigError(f"parameter 'variants': expected a non-empty list from {', '.join(REVERSAL_VARIANTS)}, "
-                              f"got {self.variants}")
-        if self.n_both >= self.n_pairs:
-            raise ConfigError(f"parameter 'n_both': expected fewer than n_pairs={self.n_pairs}, got {self.n_both}")
-
-
 def reversal_tokenizer(data: ReversalData) -> Tokenizer:
     """Word tokens for every name word and relation word, in either direction."""
     return word_tokenizer(data.texts() + [f"{b} {REVERSE_RELATION} {a} ." for a, b in data.pairs])
 
 
-def train_reversal_variant(cfg: ReversalConfig, data: ReversalData, tokenizer: Tokenizer, variant: str, run=None,
-                           progress: bool = True):
-    """A fresh model trained on `variant`'s text; returns (model, TrainResult)."""
-    from lablib.models import Transformer
-    from lablib.objectives import CausalLM
-    from lablib.train import train
-
-    torch.manual_seed(cfg.seed)
-    model = Transformer(dataclasses.replace(cfg.project(ModelConfig), vocab_size=tokenizer.vocab_size,
-                                            max_seq_len=max(cfg.max_seq_len, cfg.seq_len)))
-    if run is not None:
-        tokenizer.save(run.path / "tokenizer.json")
-    stream = ReversalStream(data, tokenizer, variant, cfg.seq_len, cfg.transform_prob)
-    result = train(model, CausalLM(), stream, cfg.project(TrainConfig), run, progress=progress)
-    return model, result
-
+# --- scoring the reversal data ------------------------------------------------------------------
 
 def reversal_accuracy(model, tokenizer: Tokenizer, data: ReversalData) -> dict[str, float]:
     """Forward and reverse exact match, top-1 and mean rank among all names, on the forward-only

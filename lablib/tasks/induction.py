@@ -9,9 +9,6 @@ Notable here:
 - `induction_accuracy` scores greedy next-token predictions only where the answer is a
   copy (the second half, minus its first token, which cannot be inferred), reading the
   model's next-token path (head 0 of a multi-token model).
-- `train_induction(n_future, ...)` trains one small `MultiTokenTransformer` (n_future=1
-  is plain next-token prediction with the same trunk and head) and returns its
-  accuracy curve and the step at which induction formed (accuracy first >= 0.5).
 """
 
 from __future__ import annotations
@@ -20,10 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lablib.config import TrainConfig
-from lablib.models import MultiTokenConfig, MultiTokenTransformer
-from lablib.objectives import MultiTokenPrediction
-from lablib.train import train
+from lablib.seeding import torch_generator
 
 BOS = 0  # token 0 starts every row and never appears inside it
 
@@ -44,7 +38,7 @@ class InductionTask:
         return 2 * self.half_len
 
     def batch(self, index: int, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
-        gen = torch.Generator().manual_seed(seed * 1_000_033 + index)
+        gen = torch_generator(seed, "induction", index)
         first = torch.randint(1, self.vocab_size, (batch_size, self.half_len), generator=gen)
         bos = torch.full((batch_size, 1), BOS, dtype=torch.long)
         return {"tokens": torch.cat([bos, first, first], dim=1)}
@@ -64,32 +58,3 @@ def induction_accuracy(model, task: InductionTask, n_rows: int = 256, seed: int 
     predicted = model(tokens[:, :-1], mask="causal").argmax(-1)[:, pos]
     model.train(was_training)
     return float((predicted == tokens[:, pos + 1]).float().mean())
-
-
-def train_induction(n_future: int, *, seed: int = 0, steps: int = 400, task: InductionTask | None = None,
-                    n_layer: int = 2, d_model: int = 64, n_head: int = 4, batch_size: int = 32,
-                    learning_rate: float = 3e-3, eval_every: int = 10, progress: bool = False) -> dict:
-    """Train a small causal model with n_future-token prediction on the induction task.
-
-    Returns {"n_future", "seed", "steps": [...], "accuracy": [...], "final_accuracy", "steps_to_half"}:
-    steps_to_half is the first evaluated step with accuracy >= 0.5 (None if never), i.e. when
-    the induction mechanism formed.
-    """
-    task = task or InductionTask()
-    torch.manual_seed(seed)
-    model = MultiTokenTransformer(MultiTokenConfig(vocab_size=task.vocab_size, n_layer=n_layer, n_head=n_head,
-                                                   d_model=d_model, max_seq_len=task.seq_len, n_future=n_future))
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=task.seq_len, learning_rate=learning_rate,
-                      warmup_steps=min(20, steps), seed=seed, eval_every=steps, log_every=steps,
-                      checkpoint_every=steps, device="cpu", compile="off",
-                      num_threads=1)  # a tiny model: one thread is as fast and never waits on a busy core
-    curve: dict[int, float] = {}
-
-    def record(step, m):
-        curve[step] = induction_accuracy(m, task)
-
-    train(model, MultiTokenPrediction(), task, cfg, None, callbacks=[(eval_every, record)], progress=progress)
-    steps_seen = sorted(curve)
-    return {"n_future": n_future, "seed": seed, "steps": steps_seen, "accuracy": [curve[s] for s in steps_seen],
-            "final_accuracy": curve[steps_seen[-1]],
-            "steps_to_half": next((s for s in steps_seen if curve[s] >= 0.5), None)}

@@ -32,6 +32,8 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 
+from lablib.seeding import torch_generator
+
 MECHANISMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "tanh": torch.tanh,
     "relu": F.relu,
@@ -170,7 +172,7 @@ class TabularPrior:
 
     # --- the BatchSource interface ----------------------------------------------------
     def batch(self, index: int, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        gen = torch_generator(seed, "prior", index)
         B, N = batch_size, self.n_rows
         n_train = _randint(gen, self.min_train_rows, N - self.min_test_rows)
         n_features = torch.randint(1, self.max_features + 1, (B,), generator=gen)

@@ -1,8 +1,10 @@
-"""Language-model pretraining on a text corpus: the quickstart's experiment.
+"""The quickstart's experiment (notebooks/00_quickstart.ipynb, also trained by 01): language-model
+pretraining on a text corpus.
 
 Notable here:
 - `LMConfig` is the flat config of a corpus -> tokenizer -> transformer -> objective
-  run, with the `smoke` / `cpu` / `gpu` presets.
+  run, with the `smoke` / `cpu` / `gpu` presets. Its objective is any registered one
+  that trains on plain token blocks (`lablib.objectives.OBJECTIVES`: no contrastive pairs).
 - `pretrain(cfg, run)` does the whole thing and resumes from the run folder's newest
   checkpoint when there is one (the tokenizer is then read back, not retrained).
 - `sample(...)` continues a prompt with a seeded generator, so samples are
@@ -11,23 +13,21 @@ Notable here:
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 
-from lablib.config import DataConfig, ModelConfig, TrainConfig, knob
+from lablib.config import ConfigError, DataConfig, ModelConfig, TrainConfig, knob
 from lablib.data import LMData, Tokenizer, prepare_lm_data
 from lablib.models import Transformer
-from lablib.objectives import make_objective
-from lablib.train import TrainResult, policy_record, resolve_hardware, train
+from lablib.objectives import OBJECTIVES, ObjectiveConfig, build_objective
+from lablib.seeding import seeded_model
+from lablib.train import TrainResult, grad_accum_steps, train
 
 
 @dataclass
-class LMConfig(ModelConfig, TrainConfig, DataConfig):
-    objective: Literal["clm", "prefix_lm", "mlm"] = knob("clm", "pretraining objective")
-    mask_ratio: float = knob(0.15, "mlm: fraction of tokens chosen for prediction", min=0.0, max=1.0, min_exclusive=True)
+class LMConfig(ModelConfig, TrainConfig, DataConfig, ObjectiveConfig):
     sample_tokens: int = knob(200, "tokens to sample for each prompt at the end", min=0)
 
     presets: ClassVar[dict] = {
@@ -46,6 +46,14 @@ class LMConfig(ModelConfig, TrainConfig, DataConfig):
                     dropout=0.0),
     }
 
+    def validate(self) -> None:
+        super().validate()
+        needs_pairs = [s.name for s in self.specs() if s.pairs]
+        if needs_pairs:
+            plain = [n for n, s in OBJECTIVES.items() if not s.pairs]
+            raise ConfigError(f"parameter 'objective': the quickstart trains on token blocks only, so one of "
+                              f"{', '.join(plain)} (without {', '.join(needs_pairs)})")
+
 
 @dataclass
 class Pretrained:
@@ -55,10 +63,10 @@ class Pretrained:
 
 
 def build_model(cfg: LMConfig, vocab_size: int) -> Transformer:
-    model_cfg = dataclasses.replace(cfg.project(ModelConfig), vocab_size=vocab_size,
-                                    max_seq_len=max(cfg.max_seq_len, cfg.seq_len))
-    torch.manual_seed(cfg.seed)
-    return Transformer(model_cfg)
+    """The model the objective trains (heads included), over the tokenizer's ids and the objective's extra ones."""
+    cls, model_cfg = cfg.decoder_model(vocab_size + cfg.extra_ids())
+    model_cfg.max_seq_len = max(cfg.max_seq_len, cfg.seq_len)
+    return seeded_model(cls, model_cfg, cfg.seed)
 
 
 def pretrain(cfg: LMConfig, run, *, progress: bool = True, dist=None, callbacks=()) -> Pretrained:
@@ -74,10 +82,8 @@ def pretrain(cfg: LMConfig, run, *, progress: bool = True, dist=None, callbacks=
     if run is not None and saved is None and (dist is None or dist.is_main):
         data.tokenizer.save(run.path / "tokenizer.json")
     model = build_model(cfg, data.tokenizer.vocab_size)
-    extra = {"mask_id": data.tokenizer.mask_id, "vocab_size": data.tokenizer.vocab_size,
-             "mask_ratio": cfg.mask_ratio, "special_ids": data.tokenizer.special_ids} if cfg.objective == "mlm" else {}
-    objective = make_objective(cfg.objective, **extra)
     train_cfg = cfg.project(TrainConfig)
+    objective = build_objective(cfg, data.tokenizer, cfg.steps * grad_accum_steps(train_cfg))
     result = train(model, objective, data.train, train_cfg, run,
                    val=data.val.eval_batches(cfg.eval_batches, cfg.batch_size), progress=progress, dist=dist,
                    callbacks=callbacks)
@@ -87,16 +93,13 @@ def pretrain(cfg: LMConfig, run, *, progress: bool = True, dist=None, callbacks=
 def pretrain_distributed(dist, preset: str | None = None, run_dir: str | None = None, **overrides) -> dict:
     """The quickstart's training on every rank of a torchrun job; returns rank 0's final metrics.
 
-        torchrun --nproc-per-node 2 -m lablib.distributed lablib.lm:pretrain_distributed --kwargs '{"preset": "smoke"}'
+        torchrun --nproc-per-node 2 -m lablib.distributed lablib.experiments.quickstart:pretrain_distributed \\
+            --kwargs '{"preset": "smoke"}'
     """
     cfg = LMConfig.resolve(preset, **overrides)
-    run = dist.start_run("quickstart", cfg, run_dir, hardware=hardware_record(cfg), world_size=dist.world_size)
+    run = dist.start_run("quickstart", cfg, run_dir, world_size=dist.world_size)
     out = pretrain(cfg, run, progress=dist.is_main, dist=dist)
     return {"run_dir": str(run.path), **out.result.final}
-
-
-def hardware_record(cfg: LMConfig) -> dict:
-    return policy_record(resolve_hardware(cfg.project(TrainConfig)))
 
 
 @torch.no_grad()

@@ -1,19 +1,7 @@
-"""In-context tabular classification: a prior-data fitted network (TabPFN) from the lab's blocks.
+"""The tabular in-context-learning experiment (notebooks/04_tabular_icl.ipynb): a prior-data fitted
+network (TabPFN, `lablib.models.TabularPFN`) pretrained on a synthetic prior, used as a classifier.
 
 Notable here:
-- `TabularPFN` is `lablib.models.Transformer` with no positional encoding, fed
-  ready-made row embeddings: a linear encoder of a row's features plus the
-  embedding of its label. Labels are the transformer's tokens: ids 0..max_classes-1
-  are classes and id `max_classes` means "label hidden", so a query row carries the
-  same features-only embedding whatever its true label; the transformer's own head
-  gives the class logits.
-- One custom attention mask (True = may attend) does the in-context learning:
-  every row attends to the training rows only, so training rows see each other and
-  a query row sees the training rows and nothing else; no query row sees another
-  query row or any label but the training rows'. Hook points keep their dotted names
-  under `transformer.` (e.g. `transformer.blocks.0.attn.hook_pattern`).
-- A variable number of features (zero-padded up to `max_features`, rescaled by
-  max_features / used as in TabPFN) and of classes (logits of absent classes masked).
 - `InContextClassification` is the training objective (cross-entropy on the query
   rows of prior tasks) for `lablib.train.train`.
 - `InContextClassifier` is a scikit-learn classifier built from a run folder or a
@@ -43,76 +31,11 @@ from sklearn.preprocessing import PowerTransformer, StandardScaler
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from lablib.config import ConfigError, ModelConfig, TrainConfig, knob
-from lablib.models import Transformer
+from lablib.config import ConfigError, TrainConfig, knob
+from lablib.models import TabularPFN, TabularPFNConfig
+from lablib.seeding import seeded_model
 from lablib.tasks.scm_prior import FEATURE_CLIP, TabularPrior
-from lablib.train import TrainResult, policy_record, resolve_hardware, train
-
-
-@dataclass
-class TabularPFNConfig(ModelConfig):
-    """The transformer knobs plus the largest table the network takes."""
-
-    max_features: int = knob(16, "features per row the network takes (fewer are zero-padded)", min=1)
-    max_classes: int = knob(10, "classes the network can tell apart", min=2)
-    vocab_size: int = knob(11, "label tokens: max_classes classes + 1 'label hidden' (set from max_classes)", min=3)
-    mask: Literal["causal", "prefix", "bidirectional", "custom"] = knob("custom", "rows attend to training rows only")
-    pos: Literal["learned", "sinusoidal", "rope", "none"] = knob("none", "rows are a set: no positions")
-    tie_embeddings: bool = knob(False, "label embeddings and class head are separate, as in TabPFN")
-
-    def __post_init__(self):
-        self.vocab_size = self.max_classes + 1
-
-
-class TabularPFN(nn.Module):
-    """Rows in, class logits out: (B, N, F) features and (B, N) labels -> (B, N, max_classes)."""
-
-    def __init__(self, cfg: TabularPFNConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.row_encoder = nn.Linear(cfg.max_features, cfg.d_model)
-        self.transformer = Transformer(cfg)
-        self.hidden_label = cfg.max_classes  # the token of a row whose label the model may not see
-
-    def attention_mask(self, n_rows: int, n_train: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """(n_rows, n_rows) boolean, True = may attend: every row attends to the training rows only."""
-        keys = torch.arange(n_rows, device=device) < n_train
-        return keys[None, :].expand(n_rows, n_rows)
-
-    def embed_rows(self, x: torch.Tensor, y: torch.Tensor, n_train: int,
-                   n_features: torch.Tensor | None = None) -> torch.Tensor:
-        B, N, F_in = x.shape
-        if F_in > self.cfg.max_features:
-            raise ValueError(f"x has {F_in} features; this model takes at most max_features={self.cfg.max_features}")
-        used = torch.full((B,), F_in, device=x.device) if n_features is None else n_features.to(x.device)
-        x = F.pad(x, (0, self.cfg.max_features - F_in)) * (self.cfg.max_features / used.clamp(min=1))[:, None, None]
-        is_query = torch.arange(N, device=x.device)[None, :] >= n_train
-        tokens = torch.where(is_query, torch.full_like(y, self.hidden_label), y)  # query labels never enter
-        return self.row_encoder(x) + self.transformer.embed(tokens)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, n_train: int | torch.Tensor,
-                n_features: torch.Tensor | None = None, n_classes: torch.Tensor | None = None) -> torch.Tensor:
-        """Class logits for every row (B, N, max_classes); classes >= n_classes (per task) get -inf.
-
-        x: (B, N, F<=max_features) standardised features; y: (B, N) labels, of which only
-        the first n_train rows' are read; n_features: (B,) features actually used when x
-        is zero-padded per task.
-        """
-        n_train = int(n_train)
-        h = self.transformer.trunk(embeds=self.embed_rows(x, y, n_train, n_features),
-                                   attn_mask=self.attention_mask(x.shape[1], n_train, x.device))
-        logits = self.transformer.head(h)[..., : self.cfg.max_classes]
-        if n_classes is not None:
-            absent = torch.arange(self.cfg.max_classes, device=x.device)[None, :] >= n_classes.to(x.device)[:, None]
-            logits = logits.masked_fill(absent[:, None, :], float("-inf"))
-        return logits
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per row (the training loop's 'token'); see Transformer.flops_per_token."""
-        return self.transformer.flops_per_token(seq_len) + 6 * self.row_encoder.weight.numel()
+from lablib.train import TrainResult, train
 
 
 @dataclass
@@ -295,8 +218,7 @@ class TabularICLConfig(TabularPFNConfig, TrainConfig):
 
 
 def build_pfn(cfg: TabularICLConfig) -> TabularPFN:
-    torch.manual_seed(cfg.seed)
-    return TabularPFN(cfg.project(TabularPFNConfig))
+    return seeded_model(TabularPFN, cfg.project(TabularPFNConfig), cfg.seed)
 
 
 @dataclass
@@ -331,10 +253,6 @@ def prior_throughput(prior: TabularPrior, batch_size: int, batches: int = 20, se
     for i in range(1, batches + 1):
         prior.batch(i, batch_size, seed)
     return batches * batch_size / (time.perf_counter() - start)
-
-
-def hardware_record(cfg: TabularICLConfig) -> dict:
-    return policy_record(resolve_hardware(cfg.project(TrainConfig)))
 
 
 # --- evaluation on scikit-learn's tables ------------------------------------------------------

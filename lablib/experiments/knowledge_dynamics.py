@@ -1,4 +1,5 @@
-"""How a model acquires and forgets facts during pretraining (Chang et al. 2024), at laptop scale.
+"""The knowledge-dynamics experiment (notebooks/05_knowledge_dynamics.ipynb): how a model acquires and
+forgets facts during pretraining (Chang et al. 2024), at laptop scale.
 
 Notable here:
 - `KnowledgeConfig` is notebook 05's flat config. Background text is filler biographies of
@@ -35,7 +36,8 @@ from lablib.config import ConfigError, ModelConfig, TrainConfig, knob
 from lablib.data import TokenBlocks, Tokenizer
 from lablib.models import Transformer
 from lablib.objectives import CausalLM
-from lablib.tasks.facts import (N_TRAIN_TEMPLATES, PROBE_KINDS, Probe, World, background_documents, biography,
+from lablib.seeding import seeded_transformer
+from lablib.tasks.facts import (N_TRAIN_TEMPLATES, Probe, World, background_documents, biography,
                                 make_world, probes_for, target_logprobs, word_tokenizer, world_texts)
 from lablib.train import TrainResult, train
 
@@ -327,17 +329,11 @@ def build_setup(cfg: KnowledgeConfig) -> KnowledgeSetup:
     return KnowledgeSetup(world, tokenizer, background, schedule, facts, probes, fact_ids)
 
 
-def build_model(cfg: KnowledgeConfig, vocab_size: int) -> Transformer:
-    torch.manual_seed(cfg.seed)
-    return Transformer(dataclasses.replace(cfg.project(ModelConfig), vocab_size=vocab_size,
-                                           max_seq_len=max(cfg.max_seq_len, cfg.seq_len)))
-
-
 def train_with_injections(cfg: KnowledgeConfig, setup: KnowledgeSetup, batch_size: int, run,
                           progress: bool = True) -> tuple[Transformer, TrainResult]:
     """One training run at `batch_size` with every fact injected on schedule and probed every probe_every steps."""
     train_cfg = dataclasses.replace(cfg.project(TrainConfig), batch_size=batch_size)
-    model = build_model(cfg, setup.tokenizer.vocab_size)
+    model = seeded_transformer(cfg, setup.tokenizer.vocab_size)
     stream = InjectionStream(setup.background, setup.schedule, setup.fact_ids, setup.tokenizer.eos_id)
     if run is not None:
         setup.tokenizer.save(run.path / "tokenizer.json")

@@ -1,116 +1,45 @@
-"""Downstream evaluation without a network, and the objectives experiment that uses it.
+"""The objectives experiment (notebooks/02_objectives.ipynb, one run per notebooks/02a_objectives_run.ipynb):
+pretraining objectives compared at a fixed budget of training tokens, scored on held-out code search.
 
 Notable here:
-- `function_pairs(documents)`: (docstring summary, function source without its
-  docstring, stdlib package) for every documented function, found with `ast`.
-- Held out by construction: a seeded draw by file name picks `eval_fraction` of all
-  stdlib .py files for evaluation (`evaluation_documents`), and the pretraining
-  corpus is the configured corpus without them (`pretraining_documents`, then
-  `lablib.data`'s split, tokenizer and packing), so no scored function is trained
-  on; the contrastive objective's pairs come only from the training documents (or, with
-  `contrastive_pairs='all'`, from every file that is neither held out nor LM validation).
-- Frozen-embedding evaluations: text->code retrieval (MRR, recall@k; mean-pooled,
-  centred, cosine) and a scikit-learn logistic-regression probe predicting a
-  function's stdlib package, repeated over probe seeds (its spread is the probe's
-  stability). Two poolings, 'first_last' (input and top layer; the headline) and
-  'top' (`_top`), and two similarities, BERT-whitened cosine (the headline) and
-  mean-centred cosine (`_centred`). `heldout_next_token_loss` for models that predict
-  the next token. `reevaluate_run` re-scores a finished run from its checkpoint.
-- `ObjectivesRunConfig` and `run_objective(cfg, run)`: one (architecture, objective,
-  seed) run at a fixed budget of training tokens; training FLOPs are counted by
-  torch's `FlopCounterMode` on real micro-batches (SDPA's CPU kernel included), and
-  every evaluation is also run on the untrained initialisation for the margin.
+- `ObjectivesRunConfig` and `run_objective(cfg, run)`: one (architecture, objective, seed)
+  run. Objectives, their models and what they read come from `lablib.objectives.OBJECTIVES`.
+- The pretraining corpus is the configured corpus without the evaluation files
+  (`prepare_pretraining_data`: `lablib.tasks.code_search.pretraining_documents`, then
+  `lablib.data`'s split, tokenizer and packing); the contrastive objective's pairs come from
+  the training documents, or with `contrastive_pairs='all'` from every file that is neither
+  held out nor LM validation (`contrastive_documents`).
+- Training FLOPs are counted by torch's `FlopCounterMode` on real micro-batches (SDPA's CPU
+  kernel included); every evaluation also runs on the untrained initialisation for the
+  margin. `reevaluate_run` re-scores a finished run from its checkpoint.
+- `ObjectivesSweepConfig` is notebook 02's config (the grid and the induction check);
+  `train_induction` is that check: a small `MultiTokenTransformer` per n_future on
+  `lablib.tasks.induction`, with the step at which induction formed.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import hashlib
-import math
-import textwrap
-import time
-from collections import Counter
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
 from lablib.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, knob
-from lablib.data import (LMData, TokenBlocks, Tokenizer, load_corpus, pack, split_documents, tokenize_corpus,
-                         train_tokenizer)
-from lablib.models import (EncoderDecoder, EncoderDecoderConfig, FutureTokenConfig, FutureTokenTransformer,
-                           MultiTokenConfig, MultiTokenTransformer, Transformer)
-from lablib.objectives import (Mixture, ObjectiveBatches, ObjectiveConfig, Schedule, build_objective,
-                               pooled_embeddings, token_cross_entropy)
+from lablib.data import LMData, TokenBlocks, Tokenizer, pack, split_documents, tokenize_corpus, train_tokenizer
+from lablib.models import EncoderDecoder, EncoderDecoderConfig, MultiTokenConfig, MultiTokenTransformer
+from lablib.objectives import (OBJECTIVES, Mixture, MultiTokenPrediction, ObjectiveBatches, ObjectiveConfig, Schedule,
+                               build_objective)
+from lablib.seeding import seeded_model
+from lablib.tasks.code_search import (POOLINGS, SIMILARITY_TRANSFORMS, FunctionPair, embed, encode_texts,
+                                      evaluation_documents, function_pairs, heldout_next_token_loss,
+                                      pretraining_documents, probe_dataset, probe_scores, retrieval_scores)
+from lablib.tasks.induction import InductionTask, induction_accuracy
 from lablib.train import grad_accum_steps, policy_record, resolve_hardware, train
 
 
-# --- docstring / function pairs -----------------------------------------------------------
-
-@dataclass(frozen=True)
-class FunctionPair:
-    doc: str  # the docstring's first paragraph: the query
-    code: str  # the function's source, docstring removed, dedented: the target
-    package: str  # top-level stdlib name: 'asyncio' for asyncio/events.py, 'argparse' for argparse.py
-    source: str  # the document (file) it came from
-
-
-def package_of(source: str) -> str:
-    return source.split("/")[0].removesuffix(".py")
-
-
-def _pairs_in(text: str, source: str, min_doc_chars: int) -> Iterable[FunctionPair]:
-    try:
-        tree = ast.parse(text)
-    except (SyntaxError, ValueError):  # a few stdlib test files are deliberately invalid
-        return
-    lines = text.splitlines()
-    for node in ast.walk(tree):
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            continue
-        doc = ast.get_docstring(node)
-        first = node.body[0]
-        if not doc or len(node.body) < 2 or first.lineno == node.lineno:
-            continue
-        summary = " ".join(doc.split("\n\n")[0].split())
-        if len(summary) < min_doc_chars:
-            continue
-        kept = lines[node.lineno - 1: first.lineno - 1] + lines[first.end_lineno: node.end_lineno]
-        yield FunctionPair(summary, textwrap.dedent("\n".join(kept)), package_of(source), source)
-
-
-def function_pairs(documents: Iterable[dict[str, str]], min_doc_chars: int = 20) -> list[FunctionPair]:
-    """Every documented function (and method) of the Python documents, deduplicated."""
-    seen, out = set(), []
-    for d in documents:
-        if not d["source"].endswith(".py"):
-            continue
-        for pair in _pairs_in(d["text"], d["source"], min_doc_chars):
-            if (pair.doc, pair.code) not in seen:
-                seen.add((pair.doc, pair.code))
-                out.append(pair)
-    return out
-
-
-def is_evaluation_document(source: str, eval_fraction: float, seed: int) -> bool:
-    """A seeded draw by file name (stable across machines): is this stdlib .py file held out for evaluation?"""
-    draw = int(hashlib.sha256(f"{seed}:{source}".encode()).hexdigest()[:12], 16) / 16 ** 12
-    return source.endswith(".py") and draw < eval_fraction
-
-
-def evaluation_documents(eval_fraction: float, seed: int):
-    """The held-out stdlib files (drawn from the whole standard library, whatever prefix pretrains)."""
-    ds = load_corpus("stdlib")
-    return ds.select([i for i, src in enumerate(ds["source"]) if is_evaluation_document(src, eval_fraction, seed)])
-
-
-def pretraining_documents(corpus: str, max_chars: int | None, eval_fraction: float, seed: int):
-    """The corpus without the evaluation files: nothing the downstream tasks score is ever trained on."""
-    ds = load_corpus(corpus, max_chars)
-    return ds.select([i for i, src in enumerate(ds["source"]) if not is_evaluation_document(src, eval_fraction, seed)])
-
+# --- data ------------------------------------------------------------------------------------
 
 def prepare_pretraining_data(cfg: "ObjectivesRunConfig", tokenizer: str | Tokenizer):
     """(LMData, training documents): `lablib.data.prepare_lm_data`'s pipeline over `pretraining_documents`."""
@@ -132,121 +61,6 @@ def contrastive_documents(cfg: "ObjectivesRunConfig", train_docs):
     lm_val = set(capped["source"]) - set(train_docs["source"])
     every = pretraining_documents(cfg.corpus, None, cfg.eval_fraction, cfg.split_seed)
     return every.select([i for i, src in enumerate(every["source"]) if src not in lm_val])
-
-
-def encode_texts(tokenizer: Tokenizer, texts: list[str], max_tokens: int) -> torch.Tensor:
-    """(N, <= max_tokens) ids, right-padded with <pad>; every row keeps at least one token."""
-    rows = [(ids[:max_tokens] or [tokenizer.eos_id]) for ids in tokenizer.encode_batch(texts)]
-    width = max(len(r) for r in rows)
-    return torch.tensor([r + [tokenizer.pad_id] * (width - len(r)) for r in rows], dtype=torch.long)
-
-
-# --- frozen-embedding evaluations -------------------------------------------------------------
-
-@torch.no_grad()
-def embed(model, ids: torch.Tensor, pad_id: int, mask: str, pooling: str = "first_last",
-          batch_size: int = 64) -> np.ndarray:
-    """Mean-pooled embeddings of padded ids, in eval mode: pooling 'top' (top layer, (N, d_model))
-    or 'first_last' (input and top layer, each unit-normalised, (N, 2*d_model))."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = [pooled_embeddings(model, ids[i:i + batch_size].to(device), pad_id, mask,
-                             with_input_layer=POOLINGS[pooling]).float().cpu()
-           for i in range(0, len(ids), batch_size)]
-    model.train(was_training)
-    return torch.cat(out).numpy()
-
-
-POOLINGS = {"top": False, "first_last": True}  # pooling name -> whether the input layer is pooled too
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def _centred(x: np.ndarray, pool: np.ndarray) -> np.ndarray:
-    """Subtract x's own mean (LM embeddings share a large common direction; docstrings and code
-    each have their own), then L2-normalise."""
-    return _unit(x - x.mean(0, keepdims=True))
-
-
-def _whitened(x: np.ndarray, pool: np.ndarray) -> np.ndarray:
-    """BERT-whitening (Su et al. 2021): map the pool's covariance to the identity, then L2-normalise.
-    Unsupervised (no labels, no pairing); it undoes the anisotropy of trained LM embeddings."""
-    mean = pool.mean(0, keepdims=True)
-    _, singular, vt = np.linalg.svd(pool - mean, full_matrices=False)
-    return _unit((x - mean) @ (vt.T / (singular / np.sqrt(len(pool)) + 1e-6)))
-
-
-SIMILARITY_TRANSFORMS = {"whitened": _whitened, "centred": _centred}
-
-
-def retrieval_scores(query_emb: np.ndarray, target_emb: np.ndarray, ks: tuple[int, ...] = (1, 5, 10),
-                     transform: str = "whitened") -> dict[str, float]:
-    """Query i's match is target i. MRR and recall@k of cosine ranking over the whole pool, after
-    `transform`: 'whitened' (fitted on all query and target embeddings together) or 'centred'."""
-    pool = np.concatenate([query_emb, target_emb])
-    prepare = SIMILARITY_TRANSFORMS[transform]
-    sims = prepare(query_emb, pool) @ prepare(target_emb, pool).T
-    true = np.diag(sims)[:, None]
-    ranks = 1 + (sims > true).sum(1)  # ties count in the query's favour
-    out = {"mrr": float(np.mean(1.0 / ranks))}
-    out.update({f"recall@{k}": float(np.mean(ranks <= k)) for k in ks})
-    return out
-
-
-def probe_dataset(pairs: list[FunctionPair], n_classes: int, min_per_class: int, max_per_class: int,
-                  seed: int = 0) -> tuple[list[FunctionPair], np.ndarray, list[str]]:
-    """Pairs of the n_classes most common packages (each with >= min_per_class functions), at most
-    max_per_class each (a seeded draw), and their integer labels."""
-    counts = Counter(p.package for p in pairs)
-    classes = [c for c, n in counts.most_common() if n >= min_per_class][:n_classes]
-    if len(classes) < 2:
-        raise ValueError(f"probe: fewer than 2 packages have >= {min_per_class} held-out functions "
-                         f"({dict(counts.most_common(5))}); use a larger corpus or val_fraction")
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for c in classes:
-        members = [p for p in pairs if p.package == c]
-        take = rng.permutation(len(members))[:max_per_class]
-        chosen += [members[i] for i in sorted(take)]
-    labels = np.array([classes.index(p.package) for p in chosen])
-    return chosen, labels, classes
-
-
-def probe_scores(features: np.ndarray, labels: np.ndarray, seeds: int = 5, test_fraction: float = 0.3) -> dict[str, float]:
-    """Logistic-regression probe on frozen features: test accuracy over `seeds` stratified splits."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import train_test_split
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    accs = []
-    for s in range(seeds):
-        x_tr, x_te, y_tr, y_te = train_test_split(features, labels, test_size=test_fraction, random_state=s,
-                                                  stratify=labels)
-        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.1))
-        accs.append(float(probe.fit(x_tr, y_tr).score(x_te, y_te)))
-    majority = float(np.bincount(labels).max() / len(labels))
-    return {"accuracy": float(np.mean(accs)), "accuracy_std": float(np.std(accs)), "majority": majority}
-
-
-@torch.no_grad()
-def heldout_next_token_loss(model, batches: list[dict[str, torch.Tensor]]) -> float:
-    """Mean next-token cross-entropy on held-out blocks, read causally (the model's own
-    `next_token_logits` where it has one, e.g. the future-token decoder's first slot)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    predict = getattr(model, "next_token_logits", None) or (lambda x: model(x, mask="causal"))
-    total, count = 0.0, 0
-    for batch in batches:
-        tokens = batch["tokens"].to(device)
-        loss, n = token_cross_entropy(predict(tokens[:, :-1]), tokens[:, 1:])
-        total, count = total + float(loss) * n, count + n
-    model.train(was_training)
-    return total / max(count, 1)
 
 
 # --- FLOPs -----------------------------------------------------------------------------------
@@ -290,11 +104,9 @@ def training_flops_per_batch(model, objective, batch: dict[str, torch.Tensor], s
     return float(counter.get_total_flops())
 
 
-# --- the objectives experiment -----------------------------------------------------------------
+# --- one objectives run (notebook 02a) -----------------------------------------------------------------
 
-CAUSAL_READERS = ("clm", "multi_token", "future_token")  # objectives whose model reads text causally
-NEXT_TOKEN_PREDICTORS = ("clm", "prefix_lm", "multi_token", "future_token", "gpt_bert")
-ENCODER_DECODER_OBJECTIVES = ("span_corruption", "prefix_lm", "contrastive")
+ENCODER_DECODER_OBJECTIVES = tuple(name for name, spec in OBJECTIVES.items() if spec.encoder_decoder)
 
 
 @dataclass
@@ -310,9 +122,8 @@ class ObjectivesRunConfig(ModelConfig, TrainConfig, DataConfig, ObjectiveConfig)
                                 min=0.0, max=0.5, min_exclusive=True)
     contrastive_pairs: Literal["pretraining", "all"] = knob(
         "all", "contrastive: where its (docstring, function) training pairs come from. all: every file of the corpus "
-        "that is neither held out for evaluation nor in the LM validation split (6,933 pairs at cpu); pretraining: "
-        "the LM training documents only, so corpus_max_chars caps them too (1,392 at cpu, which 400 steps of 16 "
-        "overfit: held-out InfoNCE loss 4.4, above the untrained model's 3.75)")
+        "that is neither held out for evaluation nor in the LM validation split; pretraining: the LM training "
+        "documents only, so corpus_max_chars caps them too")
     eval_pairs: int = knob(300, "docstring->function pairs in the retrieval pool", min=2)
     eval_doc_tokens: int = knob(48, "tokens kept of each docstring query", min=1)
     eval_code_tokens: int = knob(128, "tokens kept of each function", min=1)
@@ -343,48 +154,28 @@ class ObjectivesRunConfig(ModelConfig, TrainConfig, DataConfig, ObjectiveConfig)
 
     def validate(self) -> None:
         super().validate()
-        parts = self.components()
         if self.architecture == "encdec":
-            bad = [p for p in parts if p not in ENCODER_DECODER_OBJECTIVES]
+            bad = [s.name for s in self.specs() if not s.encoder_decoder]
             if bad:
+                allowed = [n for n, s in OBJECTIVES.items() if s.encoder_decoder and not s.combines]
                 raise ConfigError(f"parameter 'objective': the encoder-decoder trains with "
-                                  f"{', '.join(ENCODER_DECODER_OBJECTIVES)} (or a mixture of them), got {bad}")
-        if "multi_token" in parts and "future_token" in parts:
-            raise ConfigError("parameter 'objective': multi_token and future_token need different heads; "
-                              "use one of them")
-        if "multi_token" in parts and self.n_layer < 2:
-            raise ConfigError(f"parameter 'n_layer': multi_token needs a trunk and a head block, expected >= 2, "
-                              f"got {self.n_layer}")
-        longest = self.seq_len + 2 * math.ceil(self.seq_len * self.noise_density / self.mean_span_length) + 2
-        need = max(self.eval_code_tokens, self.eval_doc_tokens,
-                   longest if "span_corruption" in parts and self.architecture == "decoder" else self.seq_len)
+                                  f"{', '.join(allowed)} (or a mixture of them), got {bad}")
+        need = max(self.eval_code_tokens, self.eval_doc_tokens, self.seq_len)
         if self.max_seq_len < need:
-            raise ConfigError(f"parameter 'max_seq_len': expected >= {need} (seq_len, evaluation lengths and "
-                              f"span-corruption rows must fit), got {self.max_seq_len}")
-
-    def embedding_mask(self) -> str:
-        """How the trained model reads a text for its embedding: as its objective taught it."""
-        if self.objective == "biphasic":
-            return "causal" if self.biphasic_second in CAUSAL_READERS else "bidirectional"
-        return "causal" if all(p in CAUSAL_READERS for p in self.components()) else "bidirectional"
+            raise ConfigError(f"parameter 'max_seq_len': expected >= {need} (seq_len and evaluation lengths "
+                              f"must fit), got {self.max_seq_len}")
 
     def predicts_next_token(self) -> bool:
-        return self.architecture == "decoder" and any(p in NEXT_TOKEN_PREDICTORS for p in self.components())
+        return self.architecture == "decoder" and any(s.next_token for s in self.specs())
 
 
 def build_model(cfg: ObjectivesRunConfig, vocab_size: int) -> torch.nn.Module:
     """The architecture the config asks for, with the heads its objective needs; seeded by cfg.seed."""
-    base = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)}
-    base["vocab_size"] = vocab_size
-    parts = cfg.components()
-    torch.manual_seed(cfg.seed)
     if cfg.architecture == "encdec":
-        return EncoderDecoder(EncoderDecoderConfig(**base, n_decoder_layer=cfg.decoder_layers))
-    if "multi_token" in parts:
-        return MultiTokenTransformer(MultiTokenConfig(**base, n_future=cfg.n_future))
-    if "future_token" in parts:
-        return FutureTokenTransformer(FutureTokenConfig(**base, n_future=cfg.n_future))
-    return Transformer(ModelConfig(**base))
+        base = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)}
+        model_cfg = EncoderDecoderConfig(**{**base, "vocab_size": vocab_size}, n_decoder_layer=cfg.decoder_layers)
+        return seeded_model(EncoderDecoder, model_cfg, cfg.seed)
+    return seeded_model(*cfg.decoder_model(vocab_size), cfg.seed)
 
 
 @dataclass
@@ -514,12 +305,7 @@ def run_objective(cfg: ObjectivesRunConfig, run, *, progress: bool = True) -> di
     return results
 
 
-def hardware_record(cfg: ObjectivesRunConfig) -> dict:
-    return policy_record(resolve_hardware(cfg.project(TrainConfig)))
-
-
-DECODER_OBJECTIVES = ("clm", "prefix_lm", "mlm", "span_corruption", "multi_token", "future_token", "gpt_bert",
-                      "contrastive", "mixture", "biphasic")
+DECODER_OBJECTIVES = tuple(OBJECTIVES)
 
 
 @dataclass
@@ -548,7 +334,7 @@ class ObjectivesSweepConfig(Config):
     def validate(self) -> None:
         super().validate()
         for name, allowed in (("decoder_objectives", DECODER_OBJECTIVES),
-                              ("encdec_objectives", ENCODER_DECODER_OBJECTIVES + ("mixture",))):
+                              ("encdec_objectives", ENCODER_DECODER_OBJECTIVES)):
             bad = [o for o in getattr(self, name) if o not in allowed]
             if bad:
                 raise ConfigError(f"parameter {name!r}: expected names among {', '.join(allowed)}, got {bad}")
@@ -557,3 +343,34 @@ class ObjectivesSweepConfig(Config):
         bad_n = [n for n in self.induction_n_future if n < 1]
         if bad_n:
             raise ConfigError(f"parameter 'induction_n_future': expected integers >= 1, got {bad_n}")
+
+
+# --- the induction check (notebook 02) ------------------------------------------------------------
+
+def train_induction(n_future: int, *, seed: int = 0, steps: int = 400, task: InductionTask | None = None,
+                    n_layer: int = 2, d_model: int = 64, n_head: int = 4, batch_size: int = 32,
+                    learning_rate: float = 3e-3, eval_every: int = 10, progress: bool = False) -> dict:
+    """Train a small causal model with n_future-token prediction on the induction task.
+
+    Returns {"n_future", "seed", "steps": [...], "accuracy": [...], "final_accuracy", "steps_to_half"}:
+    steps_to_half is the first evaluated step with accuracy >= 0.5 (None if never), i.e. when
+    the induction mechanism formed.
+    """
+    task = task or InductionTask()
+    model = seeded_model(MultiTokenTransformer, MultiTokenConfig(vocab_size=task.vocab_size, n_layer=n_layer,
+                                                                 n_head=n_head, d_model=d_model,
+                                                                 max_seq_len=task.seq_len, n_future=n_future), seed)
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=task.seq_len, learning_rate=learning_rate,
+                      warmup_steps=min(20, steps), seed=seed, eval_every=steps, log_every=steps,
+                      checkpoint_every=steps, device="cpu", compile="off",
+                      num_threads=1)  # a tiny model: one thread is as fast and never waits on a busy core
+    curve: dict[int, float] = {}
+
+    def record(step, m):
+        curve[step] = induction_accuracy(m, task)
+
+    train(model, MultiTokenPrediction(), task, cfg, None, callbacks=[(eval_every, record)], progress=progress)
+    steps_seen = sorted(curve)
+    return {"n_future": n_future, "seed": seed, "steps": steps_seen, "accuracy": [curve[s] for s in steps_seen],
+            "final_accuracy": curve[steps_seen[-1]],
+            "steps_to_half": next((s for s in steps_seen if curve[s] >= 0.5), None)}

@@ -15,13 +15,15 @@ Notable here:
   held-out rows against the majority-class baseline.
 - Activation patching runs one batched forward pass per layer: row i of the batch is
   the corrupted prompt with position i's activation taken from the clean prompt.
+- `sequence_logprobs` and `greedy_continuation` score and write continuations of token
+  prompts (tasks and edits build on them).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -339,3 +341,54 @@ def activation_patching(model: torch.nn.Module, clean, corrupted, metric: Callab
         with model.hooks([(name, patch)]):
             effect[layer] = (metric(model(batch, **forward_kwargs)).float() - corrupted_value).cpu().numpy()
     return PatchingResult(effect, clean_value, corrupted_value, site)
+
+
+# --- scoring continuations ------------------------------------------------------------------
+
+@torch.no_grad()
+def sequence_logprobs(model: torch.nn.Module, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
+                      batch_size: int = 512) -> torch.Tensor:
+    """log p(target | prompt) summed over exactly the target tokens, one value per pair (float64, CPU).
+
+    Rows are right-padded: under the causal mask padding after the target cannot change it.
+    """
+    if len(prompts) != len(targets):
+        raise ValueError(f"prompts and targets: expected equal lengths, got {len(prompts)} and {len(targets)}")
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        ps, ts = prompts[start:start + batch_size], targets[start:start + batch_size]
+        rows = [list(p) + list(t) for p, t in zip(ps, ts)]
+        width = max(map(len, rows))
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        scored = torch.zeros(len(rows), width, dtype=torch.bool)  # True where the *next* token is a target token
+        for i, (p, t) in enumerate(zip(ps, ts)):
+            ids[i, :len(p) + len(t)] = torch.tensor(list(p) + list(t))
+            scored[i, len(p) - 1:len(p) + len(t) - 1] = True
+        logp = F.log_softmax(model(ids.to(device), mask="causal").float(), dim=-1).cpu().double()
+        next_ids = torch.roll(ids, -1, dims=1)
+        token_logp = logp.gather(-1, next_ids[..., None])[..., 0]
+        out.append((token_logp * scored).sum(1))
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+@torch.no_grad()
+def greedy_continuation(model: torch.nn.Module, prompts: Sequence[Sequence[int]], n_tokens: int) -> list[list[int]]:
+    """The argmax continuation of `n_tokens` tokens for each prompt (prompts of equal length batch together)."""
+    model.eval()
+    device = _device(model)
+    out: list[list[int]] = [[] for _ in prompts]
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    for rows in by_len.values():
+        idx = torch.tensor([list(prompts[i]) for i in rows], device=device)
+        for _ in range(n_tokens):
+            nxt = model(idx, mask="causal")[:, -1].argmax(-1, keepdim=True)
+            idx = torch.cat([idx, nxt], 1)
+        for r, i in enumerate(rows):
+            out[i] = idx[r, -n_tokens:].tolist()
+    return out

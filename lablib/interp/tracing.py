@@ -15,26 +15,24 @@ Notable here:
 - Two single-layer edits, as in Hase et al.: `edit_layer`, a few Adam steps on one
   block's MLP output matrix and nothing else (fine-tuning at one layer), and
   `rank_one_edit`, ROME's rank-one update of that matrix (with an identity key
-  covariance) for the key at one position. `EDIT_METHODS` is the table the notebook
-  sweeps; `edit_scores` says whether the new answer won, and whether other facts kept
-  theirs.
-- `ReversalTracingConfig` is notebook 06's config; `trace_pairs`, `edit_sweep` and
-  `trace_checkpoints` run the tracing and editing on the reversal experiment's facts.
+  covariance) for the key at one position. `edit_scores` says whether the new answer
+  won, and whether other facts kept theirs.
+- `trace_text` traces a prompt given as text; `mean_recovery` averages traces that share
+  one layout.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lablib.config import knob
 from lablib.data import Tokenizer
-from lablib.tasks.facts import FORWARD_RELATION, ReversalConfig, greedy_continuation, sequence_logprobs
+from lablib.interp.analysis import greedy_continuation
 
 SITES = {
     "resid": "blocks.{layer}.hook_resid_post",
@@ -228,35 +226,6 @@ def edit_scores(edited: torch.nn.Module, prompt: Sequence[int], new_target: Sequ
             "specificity": float(np.mean(kept))}
 
 
-# --- notebook 06: reversal, tracing and editing on the same fictional facts -------------------------
-
-@dataclass
-class ReversalTracingConfig(ReversalConfig):
-    trace_facts: int = knob(12, "forward facts (from the test pairs) that are traced and edited", min=1)
-    noise_scale: float = knob(3.0, "subject-embedding noise in units of the embeddings' std (ROME uses 3)", min=0.0)
-    trace_samples: int = knob(10, "noise samples averaged per trace", min=1)
-    trace_window: int = knob(1, "consecutive layers whose attention / MLP states are restored together", min=1)
-    edit_steps: int = knob(10, "Adam steps of a single-layer edit", min=1)
-    edit_lr: float = knob(1e-2, "learning rate of a single-layer edit", min=0.0, min_exclusive=True)
-
-    presets: ClassVar[dict] = {
-        "smoke": {**ReversalConfig.presets["smoke"], "trace_facts": 2, "trace_samples": 2, "edit_steps": 2,
-                  "variants": ["plain", "chunk_reversal"]},
-        "cpu": {**ReversalConfig.presets["cpu"], "edit_steps": 20},
-        "gpu": {**ReversalConfig.presets["gpu"], "trace_facts": 50, "trace_window": 3},
-    }
-
-
-POSITION_LABELS = ["<eos>", "subject (first)", "subject (last)", *FORWARD_RELATION.split()]
-
-
-def forward_fact_prompt(tokenizer: Tokenizer, parent: str, child: str) -> tuple[list[int], list[int], list[int]]:
-    """(prompt ids, subject positions, answer ids) of "<eos> parent is the parent of" -> child."""
-    subject_ids = tokenizer.encode(parent)
-    prompt = [tokenizer.eos_id] + subject_ids + tokenizer.encode(FORWARD_RELATION)
-    return prompt, subject_positions(prompt, subject_ids), tokenizer.encode(child)
-
-
 def trace_text(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, subject: str, answer: str,
                noise_scale: float = 3.0, n_samples: int = 10, window: int = 1, seed: int = 0) -> Trace:
     """Causal trace of the answer's first token after `<eos> prompt`, corrupting `subject`'s tokens."""
@@ -266,71 +235,6 @@ def trace_text(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, subjec
                       token_strings=tokenizer.token_strings(ids))
 
 
-def trace_pairs(model: torch.nn.Module, tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]],
-                cfg: ReversalTracingConfig) -> list[Trace]:
-    """A causal trace of the child's first token for each (parent, child) pair."""
-    noise_std = embedding_noise_std(model, cfg.noise_scale)
-    traces = []
-    for parent, child in pairs:
-        prompt, subject, answer = forward_fact_prompt(tokenizer, parent, child)
-        traces.append(trace_fact(model, prompt, subject, answer[0], noise_std, cfg.trace_samples,
-                                 window=cfg.trace_window, seed=cfg.seed, token_strings=tokenizer.token_strings(prompt)))
-    return traces
-
-
 def mean_recovery(traces: Sequence[Trace], site: str) -> np.ndarray:
     """The (layer, position) recovery averaged over traces (the prompts share one layout)."""
     return np.mean([t.recovery(site) for t in traces], axis=0)
-
-
-# edit method -> (editor, where its key sits: the last subject token, as in ROME, or the prompt's last token)
-EDIT_METHODS = {
-    "finetune": (lambda model, layer, prompt, key_pos, answer, cfg:
-                 edit_layer(model, layer, prompt, answer, cfg.edit_steps, cfg.edit_lr), "last"),
-    "rank_one_subject": (lambda model, layer, prompt, key_pos, answer, cfg:
-                         rank_one_edit(model, layer, prompt, key_pos, answer, cfg.edit_steps, cfg.edit_lr), "subject"),
-    "rank_one_last": (lambda model, layer, prompt, key_pos, answer, cfg:
-                      rank_one_edit(model, layer, prompt, key_pos, answer, cfg.edit_steps, cfg.edit_lr), "last"),
-}
-
-
-def edit_sweep(model: torch.nn.Module, tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]],
-               cfg: ReversalTracingConfig, traces: Sequence[Trace]) -> list[dict]:
-    """Rewrite each pair's child to the next pair's child with each method at each layer in turn,
-    from the trained weights every time. One row per (fact, method, layer): the edit's scores and
-    the trace's MLP recovery at that layer at the method's position (fine-tuning changes every
-    position, so it is set beside the last token, where this model's traces peak)."""
-    rows = []
-    facts = [forward_fact_prompt(tokenizer, p, c) for p, c in pairs]
-    for i, ((prompt, subject, _), trace) in enumerate(zip(facts, traces)):
-        new_answer = facts[(i + 1) % len(facts)][2]
-        others = [(p, a) for j, (p, _, a) in enumerate(facts) if j != i]
-        before = float(sequence_logprobs(model, [prompt], [new_answer])[0])
-        positions = {"subject": subject[-1], "last": len(prompt) - 1}
-        for method, (edit, where) in EDIT_METHODS.items():
-            for layer in range(len(model.blocks)):
-                edited = edit(model, layer, prompt, positions[where], new_answer, cfg)
-                scores = edit_scores(edited, prompt, new_answer, others)
-                rows.append({"fact": i, "method": method, "position": where, "layer": layer, **scores,
-                             "logprob_gain": scores["new_logprob"] - before,
-                             "trace_mlp": float(trace.recovery("mlp")[layer, positions[where]]),
-                             "trace_resid": float(trace.recovery("resid")[layer, positions[where]])})
-    return rows
-
-
-def trace_checkpoints(run, steps: Sequence[int], pairs: Sequence[tuple[str, str]],
-                      cfg: ReversalTracingConfig) -> list[dict]:
-    """Per checkpoint and layer: mean p(answer) of the clean run and mean recovery at the last subject
-    token, for each site — how the location of the facts forms during training."""
-    rows = []
-    for step in steps:
-        model, tokenizer = run.load_model(step)
-        traces = trace_pairs(model, tokenizer, pairs, cfg)
-        last_subject = traces[0].subject[-1]
-        for site in SITES:
-            recovery = mean_recovery(traces, site)
-            for layer in range(recovery.shape[0]):
-                rows.append({"step": step, "site": site, "layer": layer, "recovery": float(recovery[layer, last_subject]),
-                             "p_clean": float(np.mean([t.p_clean for t in traces])),
-                             "p_corrupt": float(np.mean([t.p_corrupt for t in traces]))})
-    return rows

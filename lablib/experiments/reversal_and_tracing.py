@@ -1,0 +1,160 @@
+"""The reversal-and-tracing experiment (notebooks/06_reversal_and_tracing.ipynb): the reversal curse
+on fictional parent/child facts, then causal tracing and single-layer edits of the same facts.
+
+Notable here:
+- `ReversalConfig` / `train_reversal_variant`: one fresh model per training-text variant
+  (`lablib.tasks.facts.REVERSAL_VARIANTS`), scored forward and reverse by `reversal_accuracy`.
+- `ReversalTracingConfig` adds the tracing and editing knobs; `trace_pairs`, `edit_sweep`
+  and `trace_checkpoints` run `lablib.interp.tracing` on the experiment's forward facts.
+  `EDIT_METHODS` is the table of edits the notebook sweeps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+import numpy as np
+import torch
+
+from lablib.config import ConfigError, ModelConfig, TrainConfig, knob
+from lablib.data import Tokenizer
+from lablib.interp.analysis import sequence_logprobs
+from lablib.interp.tracing import (SITES, Trace, edit_layer, edit_scores, embedding_noise_std, mean_recovery,
+                                   rank_one_edit, subject_positions, trace_fact)
+from lablib.objectives import CausalLM
+from lablib.seeding import seeded_transformer
+from lablib.tasks.facts import FORWARD_RELATION, REVERSAL_VARIANTS, ReversalData, ReversalStream
+from lablib.train import train
+
+
+@dataclass
+class ReversalConfig(ModelConfig, TrainConfig):
+    n_pairs: int = knob(120, "parent/child pairs (every person belongs to exactly one)", min=2)
+    n_both: int = knob(40, "pairs also written in the reverse wording, to teach it; the rest are the test", min=0)
+    variants: list[str] = knob(list(REVERSAL_VARIANTS), "training-text variants, one run each: " + ", ".join(REVERSAL_VARIANTS))
+    transform_prob: float = knob(0.5, "probability that a training sentence is written through the variant's transform",
+                                 min=0.0, max=1.0)
+
+    presets: ClassVar[dict] = {
+        "smoke": dict(n_pairs=12, n_both=4, steps=30, n_layer=2, n_head=2, d_model=32, seq_len=32, max_seq_len=32,
+                      batch_size=16, warmup_steps=5, log_every=10, checkpoint_every=10, num_threads=1),
+        "cpu": dict(n_pairs=120, n_both=40, steps=600, n_layer=4, n_head=4, d_model=128, seq_len=32, max_seq_len=32,
+                    batch_size=32, learning_rate=2e-3, warmup_steps=100, weight_decay=0.1, log_every=50,
+                    checkpoint_every=250,
+                    num_threads=1),  # a model this small runs fastest on one thread, above all on a busy machine
+        "gpu": dict(n_pairs=1000, n_both=300, steps=6000, n_layer=8, n_head=8, d_model=512, seq_len=64, max_seq_len=64,
+                    batch_size=128, learning_rate=6e-4, warmup_steps=300, log_every=50, checkpoint_every=1000),
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        unknown = [v for v in self.variants if v not in REVERSAL_VARIANTS]
+        if unknown or not self.variants:
+            raise ConfigError(f"parameter 'variants': expected a non-empty list from {', '.join(REVERSAL_VARIANTS)}, "
+                              f"got {self.variants}")
+        if self.n_both >= self.n_pairs:
+            raise ConfigError(f"parameter 'n_both': expected fewer than n_pairs={self.n_pairs}, got {self.n_both}")
+
+
+def train_reversal_variant(cfg: ReversalConfig, data: ReversalData, tokenizer: Tokenizer, variant: str, run=None,
+                           progress: bool = True):
+    """A fresh model trained on `variant`'s text; returns (model, TrainResult)."""
+    model = seeded_transformer(cfg, tokenizer.vocab_size)
+    if run is not None:
+        tokenizer.save(run.path / "tokenizer.json")
+    stream = ReversalStream(data, tokenizer, variant, cfg.seq_len, cfg.transform_prob)
+    result = train(model, CausalLM(), stream, cfg.project(TrainConfig), run, progress=progress)
+    return model, result
+
+
+@dataclass
+class ReversalTracingConfig(ReversalConfig):
+    trace_facts: int = knob(12, "forward facts (from the test pairs) that are traced and edited", min=1)
+    noise_scale: float = knob(3.0, "subject-embedding noise in units of the embeddings' std (ROME uses 3)", min=0.0)
+    trace_samples: int = knob(10, "noise samples averaged per trace", min=1)
+    trace_window: int = knob(1, "consecutive layers whose attention / MLP states are restored together", min=1)
+    edit_steps: int = knob(10, "Adam steps of a single-layer edit", min=1)
+    edit_lr: float = knob(1e-2, "learning rate of a single-layer edit", min=0.0, min_exclusive=True)
+
+    presets: ClassVar[dict] = {
+        "smoke": {**ReversalConfig.presets["smoke"], "trace_facts": 2, "trace_samples": 2, "edit_steps": 2,
+                  "variants": ["plain", "chunk_reversal"]},
+        "cpu": {**ReversalConfig.presets["cpu"], "edit_steps": 20},
+        "gpu": {**ReversalConfig.presets["gpu"], "trace_facts": 50, "trace_window": 3},
+    }
+
+
+POSITION_LABELS = ["<eos>", "subject (first)", "subject (last)", *FORWARD_RELATION.split()]
+
+
+def forward_fact_prompt(tokenizer: Tokenizer, parent: str, child: str) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, subject positions, answer ids) of "<eos> parent is the parent of" -> child."""
+    subject_ids = tokenizer.encode(parent)
+    prompt = [tokenizer.eos_id] + subject_ids + tokenizer.encode(FORWARD_RELATION)
+    return prompt, subject_positions(prompt, subject_ids), tokenizer.encode(child)
+
+
+def trace_pairs(model: torch.nn.Module, tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]],
+                cfg: ReversalTracingConfig) -> list[Trace]:
+    """A causal trace of the child's first token for each (parent, child) pair."""
+    noise_std = embedding_noise_std(model, cfg.noise_scale)
+    traces = []
+    for parent, child in pairs:
+        prompt, subject, answer = forward_fact_prompt(tokenizer, parent, child)
+        traces.append(trace_fact(model, prompt, subject, answer[0], noise_std, cfg.trace_samples,
+                                 window=cfg.trace_window, seed=cfg.seed, token_strings=tokenizer.token_strings(prompt)))
+    return traces
+
+
+# edit method -> (editor, where its key sits: the last subject token, as in ROME, or the prompt's last token)
+EDIT_METHODS = {
+    "finetune": (lambda model, layer, prompt, key_pos, answer, cfg:
+                 edit_layer(model, layer, prompt, answer, cfg.edit_steps, cfg.edit_lr), "last"),
+    "rank_one_subject": (lambda model, layer, prompt, key_pos, answer, cfg:
+                         rank_one_edit(model, layer, prompt, key_pos, answer, cfg.edit_steps, cfg.edit_lr), "subject"),
+    "rank_one_last": (lambda model, layer, prompt, key_pos, answer, cfg:
+                      rank_one_edit(model, layer, prompt, key_pos, answer, cfg.edit_steps, cfg.edit_lr), "last"),
+}
+
+
+def edit_sweep(model: torch.nn.Module, tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]],
+               cfg: ReversalTracingConfig, traces: Sequence[Trace]) -> list[dict]:
+    """Rewrite each pair's child to the next pair's child with each method at each layer in turn,
+    from the trained weights every time. One row per (fact, method, layer): the edit's scores and
+    the trace's MLP recovery at that layer at the method's position (fine-tuning changes every
+    position, so it is set beside the last token, where this model's traces peak)."""
+    rows = []
+    facts = [forward_fact_prompt(tokenizer, p, c) for p, c in pairs]
+    for i, ((prompt, subject, _), trace) in enumerate(zip(facts, traces)):
+        new_answer = facts[(i + 1) % len(facts)][2]
+        others = [(p, a) for j, (p, _, a) in enumerate(facts) if j != i]
+        before = float(sequence_logprobs(model, [prompt], [new_answer])[0])
+        positions = {"subject": subject[-1], "last": len(prompt) - 1}
+        for method, (edit, where) in EDIT_METHODS.items():
+            for layer in range(len(model.blocks)):
+                edited = edit(model, layer, prompt, positions[where], new_answer, cfg)
+                scores = edit_scores(edited, prompt, new_answer, others)
+                rows.append({"fact": i, "method": method, "position": where, "layer": layer, **scores,
+                             "logprob_gain": scores["new_logprob"] - before,
+                             "trace_mlp": float(trace.recovery("mlp")[layer, positions[where]]),
+                             "trace_resid": float(trace.recovery("resid")[layer, positions[where]])})
+    return rows
+
+
+def trace_checkpoints(run, steps: Sequence[int], pairs: Sequence[tuple[str, str]],
+                      cfg: ReversalTracingConfig) -> list[dict]:
+    """Per checkpoint and layer: mean p(answer) of the clean run and mean recovery at the last subject
+    token, for each site — how the location of the facts forms during training."""
+    rows = []
+    for step in steps:
+        model, tokenizer = run.load_model(step)
+        traces = trace_pairs(model, tokenizer, pairs, cfg)
+        last_subject = traces[0].subject[-1]
+        for site in SITES:
+            recovery = mean_recovery(traces, site)
+            for layer in range(recovery.shape[0]):
+                rows.append({"step": step, "site": site, "layer": layer, "recovery": float(recovery[layer, last_subject]),
+                             "p_clean": float(np.mean([t.p_clean for t in traces])),
+                             "p_corrupt": float(np.mean([t.p_corrupt for t in traces]))})
+    return rows

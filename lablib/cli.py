@@ -3,7 +3,7 @@
     lablib run NOTEBOOK [--preset P] [-p NAME VALUE]... [--run-dir DIR | --resume RUN_DIR]
     lablib sweep NOTEBOOK --grid NAME=V1,V2 [--grid ...] [-p NAME VALUE]... [--jobs N] [--name NAME]
     lablib runs [EXPERIMENT]
-    lablib kernel
+    lablib kernel [--user]
 
 A bad parameter is refused before any work: one line naming it, what was expected
 and what was given, exit status 2. A failed cell is one line too (which cell, why),
@@ -116,7 +116,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_kernel(args: argparse.Namespace) -> int:
     from lablib.notebooks import ensure_kernel
 
-    print(f"kernel {ensure_kernel()!r} registered for {sys.executable}")
+    from lablib.notebooks import kernel_folder
+
+    name = ensure_kernel(user=args.user)
+    print(f"kernel {name!r} (\"Python (lablib)\") for {sys.executable} registered in {kernel_folder(args.user)}")
     return 0
 
 
@@ -145,6 +148,8 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("experiment", nargs="?")
     ls.set_defaults(func=cmd_runs)
     k = sub.add_parser("kernel", help="register the 'lablib' Jupyter kernel for this environment")
+    k.add_argument("--user", action="store_true", help="register it for every JupyterLab of this user "
+                   "(the user's Jupyter data folder), not only this environment's")
     k.set_defaults(func=cmd_kernel)
     return p
 

@@ -7,7 +7,8 @@ Notable here:
   runs; names the cell does not list travel in the `overrides` dict.
 - `ensure_kernel()` registers a `lablib` kernel in this environment's prefix that
   starts this very Python, so papermill never hits "No such kernel" or runs in
-  another environment.
+  another environment; `ensure_kernel(user=True)` puts the same kernel in the user's
+  Jupyter data folder, where every JupyterLab of that user finds it.
 - `execute(...)` runs the notebook into its run folder and turns a failed cell into
   one line: which cell, which exception, what it said.
 """
@@ -80,9 +81,23 @@ def check_params(info: NotebookInfo, preset: str | None, params: dict[str, Any])
     return cell, overrides
 
 
-def ensure_kernel() -> str:
-    """Register (once) a Jupyter kernel named 'lablib' that runs this environment's Python."""
-    folder = Path(sys.prefix) / "share" / "jupyter" / "kernels" / KERNEL_NAME
+def kernel_folder(user: bool = False) -> Path:
+    """Where the 'lablib' kernelspec lives: this environment's prefix, or the user's Jupyter data folder."""
+    if user:
+        from jupyter_core.paths import jupyter_data_dir
+
+        return Path(jupyter_data_dir()) / "kernels" / KERNEL_NAME
+    return Path(sys.prefix) / "share" / "jupyter" / "kernels" / KERNEL_NAME
+
+
+def ensure_kernel(user: bool = False) -> str:
+    """Register (once) a Jupyter kernel named 'lablib' that runs this environment's Python.
+
+    user: write it into the user's Jupyter data folder ($JUPYTER_DATA_DIR, else e.g.
+    ~/.local/share/jupyter) instead of this environment, so a JupyterLab installed
+    anywhere else offers it too.
+    """
+    folder = kernel_folder(user)
     spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
             "display_name": "Python (lablib)", "language": "python", "metadata": {"debugger": True}}
     path = folder / "kernel.json"

@@ -120,6 +120,8 @@ def test_kernel_user_installs_the_kernelspec_in_the_users_jupyter_folder(tmp_pat
     spec = json.loads((tmp_path / "jupyter" / "kernels" / "lablib" / "kernel.json").read_text())
     assert spec["display_name"] == "Python (lablib)" and spec["argv"][0] == sys.executable
     assert str(tmp_path / "jupyter") in out
-    listed = subprocess.run([sys.executable, "-m", "jupyter", "kernelspec", "list", "--json"], env=env,
+    # as a Jupyter of another environment sees it (this venv's own copy of the kernel does not count)
+    listed = subprocess.run([sys.executable, "-m", "jupyter", "kernelspec", "list", "--json"],
+                            env={**env, "JUPYTER_PREFER_ENV_PATH": "0"},
                             capture_output=True, text=True, check=True).stdout
     assert json.loads(listed)["kernelspecs"]["lablib"]["resource_dir"].startswith(str(tmp_path / "jupyter"))

@@ -4,6 +4,7 @@
     lablib sweep NOTEBOOK --grid NAME=V1,V2 [--grid ...] [-p NAME VALUE]... [--jobs N] [--name NAME]
     lablib runs [EXPERIMENT]
     lablib kernel [--user]
+    lablib import-hf FOLDER [--revisions R...] [--run-dir DIR]
 
 A bad parameter is refused before any work: one line naming it, what was expected
 and what was given, exit status 2. A failed cell is one line too (which cell, why),
@@ -123,6 +124,13 @@ def cmd_kernel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from lablib.hf_import import import_run
+
+    print(import_run(args.folder, args.revisions, run_dir=args.run_dir))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lablib", description="Run, sweep and list the lab's notebook experiments.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -151,6 +159,13 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--user", action="store_true", help="register it for every JupyterLab of this user "
                    "(the user's Jupyter data folder), not only this environment's")
     k.set_defaults(func=cmd_kernel)
+    hf = sub.add_parser("import-hf", help="a run folder from a local GPT-NeoX (Pythia) checkpoint folder, "
+                        "one checkpoint per revision, for the analysis tools and widgets")
+    hf.add_argument("folder", help="a save_pretrained folder, a folder of revision sub-folders (step1000/, ...) "
+                    "or a Hugging Face cache folder (models--org--name)")
+    hf.add_argument("--revisions", nargs="+", metavar="REVISION", help="which revisions (default: all found)")
+    hf.add_argument("--run-dir", help="write here instead of runs/hf-import/<folder name>")
+    hf.set_defaults(func=cmd_import_hf)
     return p
 
 

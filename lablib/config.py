@@ -234,6 +234,9 @@ class ModelConfig(Config):
     mask: Literal["causal", "prefix", "bidirectional", "custom"] = knob("causal", "default attention mask")
     pos: Literal["learned", "sinusoidal", "rope", "none"] = knob("learned", "positional encoding")
     rope_base: float = knob(10000.0, "RoPE frequency base", min=1.0)
+    rope_fraction: float = knob(1.0, "share of each head's channels RoPE rotates (GPT-NeoX / Pythia: 0.25)",
+                                min=0.0, max=1.0, min_exclusive=True)
+    parallel_residual: bool = knob(False, "attention and MLP both read the block's input (GPT-NeoX / Pythia)")
     tie_embeddings: bool = knob(True, "share the token embedding with the LM head")
     norm: Literal["layernorm", "rmsnorm"] = knob("layernorm", "normalisation in each block")
     activation: Literal["gelu", "gelu_tanh", "relu", "silu"] = knob("gelu", "MLP non-linearity")
@@ -247,6 +250,10 @@ class ModelConfig(Config):
             raise ConfigError(f"parameter 'd_model': expected a multiple of n_head={self.n_head}, got {self.d_model}")
         if self.pos == "rope" and (self.d_model // self.n_head) % 2:
             raise ConfigError(f"parameter 'pos': 'rope' needs an even head size, got d_model/n_head={self.d_model // self.n_head}")
+        rotary = int(self.d_model // self.n_head * self.rope_fraction)
+        if self.pos == "rope" and (rotary < 2 or rotary % 2):
+            raise ConfigError(f"parameter 'rope_fraction': expected it to rotate an even number (>= 2) of the "
+                              f"{self.d_model // self.n_head} head channels, got {self.rope_fraction} ({rotary})")
 
 
 @dataclass

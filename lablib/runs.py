@@ -179,7 +179,13 @@ class Run:
         from lablib.data import Tokenizer
 
         p = self.path / "tokenizer.json"
-        return Tokenizer.load(p) if p.is_file() else None
+        if not p.is_file():
+            return None
+        if self.params.get("tokenizer") == "hf":  # an imported checkpoint's own BPE (lablib.hf_import)
+            from lablib.gpt2 import load_gpt2_tokenizer
+
+            return load_gpt2_tokenizer(self.path)
+        return Tokenizer.load(p)
 
     def load_model(self, step: int | None = None, device: str = "cpu"):
         """(model, tokenizer) at checkpoint `step` (default: the latest), in eval mode."""

@@ -127,6 +127,8 @@ def parse_for_field(tp: Any, text: str) -> Any:
         return text
     if len(text) >= 2 and text[0] == text[-1] == '"':  # a JSON string: quoted on purpose
         return json.loads(text)
+    if typing.get_origin(tp) is list and not text.lstrip().startswith("["):  # NAME a,b: a list of bare words
+        return [parse_for_field(typing.get_args(tp)[0], item) for item in text.split(",") if item]
     if tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)):
         parsed = parse_cli_value(text)
         return parsed if parsed is None else text
@@ -284,6 +286,8 @@ class TrainConfig(Config):
     compile: Literal["auto", "on", "off"] = knob("auto", "torch.compile the model")
     fused_adamw: Literal["auto", "on", "off"] = knob("auto", "fused AdamW kernel")
     num_threads: int | None = knob(None, "CPU threads for torch (None: torch's default)", min=1)
+    loggers: list[Literal["tensorboard", "trackio"]] = knob([], "also send every metrics row to these "
+                                                             "(lablib.loggers; -p loggers tensorboard,trackio)")
 
     def validate(self) -> None:
         super().validate()

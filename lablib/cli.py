@@ -32,6 +32,7 @@ def _params(pairs: list[list[str]] | None, config_cls) -> dict:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from lablib.notebooks import NotebookFailed, check_params, execute, inspect
+    from lablib.progress import follow_metrics
     from lablib.runs import Run, new_run_id, runs_root
 
     info = inspect(args.notebook)
@@ -55,7 +56,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"lablib: running {info.path.name} (preset {preset}) into {run_dir}", file=sys.stderr)
     try:
-        execute(info, run_dir, preset, cell, overrides, progress=not args.quiet)
+        with follow_metrics(run_dir, enabled=not args.quiet):  # a line per logged step on stderr
+            execute(info, run_dir, preset, cell, overrides, progress=not args.quiet)
     except KeyboardInterrupt:
         if (run_dir / "params.json").is_file() and Run(run_dir).status.get("status") == "running":
             Run(run_dir).set_status("stopped", error="interrupted")
@@ -141,7 +143,7 @@ def parser() -> argparse.ArgumentParser:
     where = run.add_mutually_exclusive_group()
     where.add_argument("--run-dir", help="write into this folder instead of runs/<experiment>/<run-id>")
     where.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its newest checkpoint")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--quiet", action="store_true", help="no progress bar and no line per logged step")
     run.set_defaults(func=cmd_run)
     sw = sub.add_parser("sweep", help="run a notebook over a grid of parameters")
     sw.add_argument("notebook")

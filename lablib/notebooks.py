@@ -10,11 +10,15 @@ Notable here:
   another environment; `ensure_kernel(user=True)` puts the same kernel in the user's
   Jupyter data folder, where every JupyterLab of that user finds it.
 - `execute(...)` runs the notebook into its run folder and turns a failed cell into
-  one line: which cell, which exception, what it said.
+  one line: which cell, which exception, what it said. Its kernel draws plotly figures
+  with `HEADLESS_PLOTLY_RENDERER` (unless $PLOTLY_RENDERER says otherwise): the
+  interactive figure for JupyterLab plus an HTML copy that loads plotly.js from its CDN,
+  so the executed notebook shows its figures in nbconvert's HTML and on nbviewer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import json
@@ -27,6 +31,7 @@ from typing import Any
 from lablib.config import Config, ConfigError, default_preset
 
 KERNEL_NAME = "lablib"
+HEADLESS_PLOTLY_RENDERER = "plotly_mimetype+notebook_connected"
 RESERVED = ("preset", "run_dir", "overrides")
 
 
@@ -130,10 +135,27 @@ def execute(info: NotebookInfo, run_dir: Path, preset: str, cell: dict[str, Any]
     if overrides:
         parameters["overrides"] = overrides
     try:
-        papermill.execute_notebook(str(info.path), str(output), parameters=parameters, kernel_name=ensure_kernel(),
-                                   cwd=os.getcwd(), progress_bar=progress, log_output=False)
+        with _environment(PLOTLY_RENDERER=os.environ.get("PLOTLY_RENDERER") or HEADLESS_PLOTLY_RENDERER):
+            papermill.execute_notebook(str(info.path), str(output), parameters=parameters,
+                                       kernel_name=ensure_kernel(), cwd=os.getcwd(), progress_bar=progress,
+                                       log_output=False)
     except PapermillExecutionError as e:
         message = str(e.evalue).strip().splitlines()[-1] if str(e.evalue).strip() else ""
         raise NotebookFailed(f"cell {e.exec_count} of {info.path.name} failed: {e.ename}: {message} "
                              f"(executed notebook: {output})") from None
     return output
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    """These environment variables for the kernels started inside the block (they inherit ours)."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -125,3 +125,20 @@ def test_kernel_user_installs_the_kernelspec_in_the_users_jupyter_folder(tmp_pat
                             env={**env, "JUPYTER_PREFER_ENV_PATH": "0"},
                             capture_output=True, text=True, check=True).stdout
     assert json.loads(listed)["kernelspecs"]["lablib"]["resource_dir"].startswith(str(tmp_path / "jupyter"))
+
+
+@pytest.mark.slow
+def test_an_executed_notebook_shows_its_figures_in_nbconvert_html(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "PLOTLY_RENDERER"}
+    subprocess.run([sys.executable, "-m", "lablib.cli", "run", str(ROOT / "notebooks" / "00_quickstart.ipynb"),
+                    "--preset", "smoke", "--quiet", "--run-dir", str(run_dir)], env=env, check=True,
+                   capture_output=True, text=True, timeout=600)
+    executed = json.loads((run_dir / "notebook.ipynb").read_text())
+    figures = [o for c in executed["cells"] for o in c.get("outputs", []) if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    assert figures and all("text/html" in o["data"] for o in figures)  # the interactive figure and its HTML copy
+    subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", str(run_dir / "notebook.ipynb"),
+                    "--output-dir", str(tmp_path)], check=True, capture_output=True, text=True, timeout=300)
+    html = (tmp_path / "notebook.html").read_text()
+    assert 'class="plotly-graph-div"' in html and "Plotly.newPlot" in html  # drawn by plotly.js, no kernel
+    assert re.search(r'src="https://cdn\.plot\.ly/plotly-[0-9.]+\.min\.js"', html)  # plotly.js from its CDN

@@ -2,6 +2,7 @@
 
     lablib run NOTEBOOK [--preset P] [-p NAME VALUE]... [--run-dir DIR | --resume RUN_DIR]
     lablib sweep NOTEBOOK --grid NAME=V1,V2 [--grid ...] [-p NAME VALUE]... [--jobs N] [--name NAME]
+                 [--backend local|ray] [--address RAY_ADDRESS]
     lablib runs [EXPERIMENT]
     lablib kernel [--user]
     lablib import-hf FOLDER [--revisions R...] [--run-dir DIR]
@@ -88,7 +89,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         grid[name] = [config_cls.parse(name, v) for v in values.split(",")]
     try:
         table = run_sweep(args.notebook, grid, preset=args.preset, params=_params(args.param, config_cls),
-                          jobs=args.jobs, name=args.name, progress=True)
+                          jobs=args.jobs, name=args.name, progress=True, backend=args.backend, address=args.address)
     except KeyboardInterrupt:
         print("lablib: sweep interrupted; its running points were stopped, and the same command resumes them",
               file=sys.stderr)
@@ -153,6 +154,11 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--jobs", type=int, help="parallel processes (default: half the cores)")
     sw.add_argument("--name", help="readable start of the sweep folder's name (default: sweep-<preset>); a hash "
                     "of the grid and the resolved preset follows, so an edited preset never reuses old runs")
+    sw.add_argument("--backend", choices=["local", "ray"], default="local",
+                    help="local: parallel processes here; ray: one Ray task per point (the runs root must be "
+                    "shared by the cluster's nodes)")
+    sw.add_argument("--address", help="with --backend ray: the cluster to join (default: $RAY_ADDRESS, else a "
+                    "local Ray instance)")
     sw.set_defaults(func=cmd_sweep)
     ls = sub.add_parser("runs", help="list runs with status, key params and headline results")
     ls.add_argument("experiment", nargs="?")

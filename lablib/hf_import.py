@@ -104,9 +104,7 @@ def config_from_neox(hf_config: Any) -> ModelConfig:
                       tie_embeddings=bool(hf_config.tie_word_embeddings), norm="layernorm",
                       activation=ACTIVATION_FROM_HF[act], bias=True, dropout=float(hf_config.hidden_dropout),
                       norm_eps=float(hf_config.layer_norm_eps))
-    cfg.validate()
-    if int(cfg.d_model // cfg.n_head * fraction) != int(hf_config.hidden_size // hf_config.num_attention_heads * fraction):
-        raise ConfigError("GPT-NeoX config 'partial_rotary_factor': rotary channels differ from transformers'")
+    cfg.validate()  # rotary channels int(head size * fraction), as transformers counts them
     return cfg
 
 
@@ -185,13 +183,11 @@ def import_run(folder: str | Path, revisions: list[str] | None = None, run_dir: 
     from lablib.runs import create_run, runs_root
 
     found = revision_folders(folder, revisions)
-    numbered = [revision_step(name, -1) for name in found]
-    next_free = max(numbered + [-1]) + 1
+    next_free = max([revision_step(name, -1) for name in found]) + 1
     steps = {}
-    for name in found:
-        step = revision_step(name, -1)
-        steps[name] = step if step >= 0 else next_free
-        next_free += step < 0
+    for name in found:  # unnumbered revisions ('main', a lone folder) come after the numbered ones
+        steps[name] = revision_step(name, next_free)
+        next_free += steps[name] == next_free
     if len(set(steps.values())) != len(steps):
         raise ConfigError(f"revisions {', '.join(found)}: two of them name the same step")
     source = Path(folder).expanduser().resolve()

@@ -286,10 +286,10 @@ def runs_table(experiment: str | None = None, root: Path | None = None):
     runs = list_runs(experiment, root)
     params = {run.path: {k: v for k, v in run.params.items() if _scalar(v)} for run in runs}
     varying: dict[str, set[str]] = {}
-    for run in runs:
-        same = [params[r.path] for r in runs if r.experiment == run.experiment]
+    for experiment in {run.experiment for run in runs}:
+        same = [params[r.path] for r in runs if r.experiment == experiment]
         names = set().union(*same) - {"experiment", "preset", "run_dir"}
-        varying[run.experiment] = {k for k in names if len({json.dumps(p.get(k)) for p in same}) > 1}
+        varying[experiment] = {k for k in names if len({json.dumps(p.get(k)) for p in same}) > 1}
     rows = []
     for run in runs:
         p, results = params[run.path], run.results

@@ -126,3 +126,19 @@ def test_import_hf_command_line(pythia_revisions, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "lablib.cli", "import-hf", str(tmp_path / "nowhere")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "does not exist" in bad.stderr
+
+
+def test_a_hugging_face_cache_folder_gives_its_refs_as_revisions(pythia_revisions, tmp_path):
+    import shutil
+
+    cache = tmp_path / "models--EleutherAI--pythia-tiny"
+    for name, commit in (("step0", "a1"), ("step4", "b2"), ("main", "b2")):
+        (cache / "refs").mkdir(parents=True, exist_ok=True)
+        (cache / "refs" / name).write_text(commit + "\n")
+        if not (cache / "snapshots" / commit).exists():
+            shutil.copytree(pythia_revisions / name.replace("main", "step4"), cache / "snapshots" / commit)
+    assert revision_folders(cache) == {"main": cache / "snapshots" / "b2", "step0": cache / "snapshots" / "a1",
+                                       "step4": cache / "snapshots" / "b2"}
+    run = open_run(import_run(cache, ["step0", "main"], run_dir=tmp_path / "run"))
+    assert run.params["revisions"] == {"step0": 0, "main": 1}  # an unnumbered revision comes after the others
+    assert run.checkpoints() == [0, 1]

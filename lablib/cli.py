@@ -118,9 +118,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_kernel(args: argparse.Namespace) -> int:
-    from lablib.notebooks import ensure_kernel
-
-    from lablib.notebooks import kernel_folder
+    from lablib.notebooks import ensure_kernel, kernel_folder
 
     name = ensure_kernel(user=args.user)
     print(f"kernel {name!r} (\"Python (lablib)\") for {sys.executable} registered in {kernel_folder(args.user)}")

@@ -2,9 +2,11 @@
 
     lablib run NOTEBOOK [--preset P] [-p NAME VALUE]... [--run-dir DIR | --resume RUN_DIR]
     lablib sweep NOTEBOOK --grid NAME=V1,V2 [--grid ...] [-p NAME VALUE]... [--jobs N] [--name NAME]
+                 [--backend local|ray] [--address RAY_ADDRESS]
     lablib runs [EXPERIMENT]
     lablib report [--check] [--collect RUN_DIR...]
-    lablib kernel
+    lablib kernel [--user]
+    lablib import-hf FOLDER [--revisions R...] [--run-dir DIR]
 
 A bad parameter is refused before any work: one line naming it, what was expected
 and what was given, exit status 2. A failed cell is one line too (which cell, why),
@@ -33,6 +35,7 @@ def _params(pairs: list[list[str]] | None, config_cls) -> dict:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from lablib.notebooks import NotebookFailed, check_params, execute, inspect
+    from lablib.progress import follow_metrics
     from lablib.runs import Run, new_run_id, runs_root
 
     info = inspect(args.notebook)
@@ -56,7 +59,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"lablib: running {info.path.name} (preset {preset}) into {run_dir}", file=sys.stderr)
     try:
-        execute(info, run_dir, preset, cell, overrides, progress=not args.quiet)
+        with follow_metrics(run_dir, enabled=not args.quiet):  # a line per logged step on stderr
+            execute(info, run_dir, preset, cell, overrides, progress=not args.quiet)
     except KeyboardInterrupt:
         if (run_dir / "params.json").is_file() and Run(run_dir).status.get("status") == "running":
             Run(run_dir).set_status("stopped", error="interrupted")
@@ -87,7 +91,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         grid[name] = [config_cls.parse(name, v) for v in values.split(",")]
     try:
         table = run_sweep(args.notebook, grid, preset=args.preset, params=_params(args.param, config_cls),
-                          jobs=args.jobs, name=args.name, progress=True)
+                          jobs=args.jobs, name=args.name, progress=True, backend=args.backend, address=args.address)
     except KeyboardInterrupt:
         print("lablib: sweep interrupted; its running points were stopped, and the same command resumes them",
               file=sys.stderr)
@@ -131,9 +135,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_kernel(args: argparse.Namespace) -> int:
-    from lablib.notebooks import ensure_kernel
+    from lablib.notebooks import ensure_kernel, kernel_folder
 
-    print(f"kernel {ensure_kernel()!r} registered for {sys.executable}")
+    name = ensure_kernel(user=args.user)
+    print(f"kernel {name!r} (\"Python (lablib)\") for {sys.executable} registered in {kernel_folder(args.user)}")
+    return 0
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from lablib.hf_import import import_run
+
+    print(import_run(args.folder, args.revisions, run_dir=args.run_dir))
     return 0
 
 
@@ -147,7 +159,7 @@ def parser() -> argparse.ArgumentParser:
     where = run.add_mutually_exclusive_group()
     where.add_argument("--run-dir", help="write into this folder instead of runs/<experiment>/<run-id>")
     where.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its newest checkpoint")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--quiet", action="store_true", help="no progress bar and no line per logged step")
     run.set_defaults(func=cmd_run)
     sw = sub.add_parser("sweep", help="run a notebook over a grid of parameters")
     sw.add_argument("notebook")
@@ -157,6 +169,11 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--jobs", type=int, help="parallel processes (default: half the cores)")
     sw.add_argument("--name", help="readable start of the sweep folder's name (default: sweep-<preset>); a hash "
                     "of the grid and the resolved preset follows, so an edited preset never reuses old runs")
+    sw.add_argument("--backend", choices=["local", "ray"], default="local",
+                    help="local: parallel processes here; ray: one Ray task per point (the runs root must be "
+                    "shared by the cluster's nodes)")
+    sw.add_argument("--address", help="with --backend ray: the cluster to join (default: $RAY_ADDRESS, else a "
+                    "local Ray instance)")
     sw.set_defaults(func=cmd_sweep)
     ls = sub.add_parser("runs", help="list runs with status, key params and headline results")
     ls.add_argument("experiment", nargs="?")
@@ -168,7 +185,16 @@ def parser() -> argparse.ArgumentParser:
                      "experiment, seeds differing) into results/<experiment>/results.json")
     rep.set_defaults(func=cmd_report)
     k = sub.add_parser("kernel", help="register the 'lablib' Jupyter kernel for this environment")
+    k.add_argument("--user", action="store_true", help="register it for every JupyterLab of this user "
+                   "(the user's Jupyter data folder), not only this environment's")
     k.set_defaults(func=cmd_kernel)
+    hf = sub.add_parser("import-hf", help="a run folder from a local GPT-NeoX (Pythia) checkpoint folder, "
+                        "one checkpoint per revision, for the analysis tools and widgets")
+    hf.add_argument("folder", help="a save_pretrained folder, a folder of revision sub-folders (step1000/, ...) "
+                    "or a Hugging Face cache folder (models--org--name)")
+    hf.add_argument("--revisions", nargs="+", metavar="REVISION", help="which revisions (default: all found)")
+    hf.add_argument("--run-dir", help="write here instead of runs/hf-import/<folder name>")
+    hf.set_defaults(func=cmd_import_hf)
     return p
 
 

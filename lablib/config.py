@@ -127,6 +127,8 @@ def parse_for_field(tp: Any, text: str) -> Any:
         return text
     if len(text) >= 2 and text[0] == text[-1] == '"':  # a JSON string: quoted on purpose
         return json.loads(text)
+    if typing.get_origin(tp) is list and not text.lstrip().startswith("["):  # NAME a,b: a list of bare words
+        return [parse_for_field(typing.get_args(tp)[0], item) for item in text.split(",") if item]
     if tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)):
         parsed = parse_cli_value(text)
         return parsed if parsed is None else text
@@ -234,6 +236,9 @@ class ModelConfig(Config):
     mask: Literal["causal", "prefix", "bidirectional", "custom"] = knob("causal", "default attention mask")
     pos: Literal["learned", "sinusoidal", "rope", "none"] = knob("learned", "positional encoding")
     rope_base: float = knob(10000.0, "RoPE frequency base", min=1.0)
+    rope_fraction: float = knob(1.0, "share of each head's channels RoPE rotates (GPT-NeoX / Pythia: 0.25)",
+                                min=0.0, max=1.0, min_exclusive=True)
+    parallel_residual: bool = knob(False, "attention and MLP both read the block's input (GPT-NeoX / Pythia)")
     tie_embeddings: bool = knob(True, "share the token embedding with the LM head")
     norm: Literal["layernorm", "rmsnorm"] = knob("layernorm", "normalisation in each block")
     activation: Literal["gelu", "gelu_tanh", "relu", "silu"] = knob("gelu", "MLP non-linearity")
@@ -247,6 +252,10 @@ class ModelConfig(Config):
             raise ConfigError(f"parameter 'd_model': expected a multiple of n_head={self.n_head}, got {self.d_model}")
         if self.pos == "rope" and (self.d_model // self.n_head) % 2:
             raise ConfigError(f"parameter 'pos': 'rope' needs an even head size, got d_model/n_head={self.d_model // self.n_head}")
+        rotary = int(self.d_model // self.n_head * self.rope_fraction)
+        if self.pos == "rope" and (rotary < 2 or rotary % 2):
+            raise ConfigError(f"parameter 'rope_fraction': expected it to rotate an even number (>= 2) of the "
+                              f"{self.d_model // self.n_head} head channels, got {self.rope_fraction} ({rotary})")
 
 
 @dataclass
@@ -277,6 +286,8 @@ class TrainConfig(Config):
     compile: Literal["auto", "on", "off"] = knob("auto", "torch.compile the model")
     fused_adamw: Literal["auto", "on", "off"] = knob("auto", "fused AdamW kernel")
     num_threads: int | None = knob(None, "CPU threads for torch (None: torch's default)", min=1)
+    loggers: list[Literal["tensorboard", "trackio"]] = knob([], "also send every metrics row to these "
+                                                             "(lablib.loggers; -p loggers tensorboard,trackio)")
 
     def validate(self) -> None:
         super().validate()

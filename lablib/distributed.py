@@ -16,6 +16,12 @@ Notable here:
   path as the command line), streams the workers' output into the cell and returns
   rank 0's result. The function must live in an importable module: a function
   defined in a notebook cell cannot be pickled into worker processes.
+- Several machines: `launch(..., nnodes=2, node_rank=0, master_addr="10.0.0.1",
+  master_port=29500)` on every node (its own node_rank), or elastic rendezvous with
+  `rdzv_endpoint="10.0.0.1:29400", rdzv_id="job-1"`; `torchrun_args` turns these
+  into torchrun's own flags (`--nnodes --node-rank --master-addr --master-port`, or
+  `--rdzv-backend c10d --rdzv-endpoint --rdzv-id`). Only the node holding global
+  rank 0 gets the result; the run folder must be on storage every node sees.
 - `ctx.start_run(...)` makes the run folder on rank 0 and hands its path to the other
   ranks, which read checkpoints from it (for resume) but never write.
 - The global batch is the same at every world size; `lablib.train.global_batch_split`
@@ -158,19 +164,50 @@ def main(argv: list[str] | None = None) -> None:
         shutdown()
 
 
-def launch(target: str, nprocs: int = 2, *, device: str | None = None, **kwargs: Any) -> Any:
+def torchrun_args(nprocs: int, nnodes: int | str = 1, node_rank: int | None = None, master_addr: str | None = None,
+                  master_port: int | None = None, rdzv_endpoint: str | None = None, rdzv_id: str | None = None,
+                  rdzv_backend: str = "c10d") -> list[str]:
+    """torchrun's flags for one node of a job: standalone on one machine, else static or elastic rendezvous.
+
+    nnodes: machines in the job (an int, or "MIN:MAX" for elastic rendezvous).
+    Static: node_rank, master_addr and master_port (default 29500), the same address on every node.
+    Elastic: rdzv_endpoint ("host:port") and rdzv_id (one name per job); node ranks are assigned.
+    """
+    if nprocs < 1:
+        raise ValueError(f"nprocs: expected at least 1, got {nprocs}")
+    args = [f"--nproc-per-node={nprocs}"]
+    if rdzv_endpoint:
+        if master_addr or node_rank is not None:
+            raise ValueError("rdzv_endpoint: elastic rendezvous assigns node ranks; drop node_rank and master_addr")
+        return [*args, f"--nnodes={nnodes}", f"--rdzv-backend={rdzv_backend}", f"--rdzv-endpoint={rdzv_endpoint}",
+                f"--rdzv-id={rdzv_id or 'lablib'}"]
+    if str(nnodes) == "1" and master_addr is None:
+        return ["--standalone", *args]
+    if master_addr is None or node_rank is None:
+        raise ValueError(f"nnodes={nnodes}: expected master_addr and node_rank (static rendezvous) "
+                         "or rdzv_endpoint (elastic rendezvous)")
+    if not str(nnodes).isdigit() or not 0 <= node_rank < int(nnodes):
+        raise ValueError(f"node_rank: expected 0 <= node_rank < nnodes={nnodes}, got {node_rank}")
+    return [*args, f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--master-addr={master_addr}",
+            f"--master-port={master_port or 29500}"]
+
+
+def launch(target: str, nprocs: int = 2, *, device: str | None = None, nnodes: int | str = 1,
+           node_rank: int | None = None, master_addr: str | None = None, master_port: int | None = None,
+           rdzv_endpoint: str | None = None, rdzv_id: str | None = None, **kwargs: Any) -> Any:
     """Run `target` ('module:function') on `nprocs` processes of this machine; returns rank 0's result.
 
     Usable from a notebook: the workers are fresh interpreters started by torchrun,
     they can import whatever this process can (its sys.path is passed on), and their
     output is printed here as it arrives. kwargs must be JSON-serialisable.
+    nnodes, node_rank, master_addr, master_port, rdzv_endpoint, rdzv_id: a job over several
+    machines, called on each (see `torchrun_args`); the result comes back on global rank 0's node.
     """
     import_target(target)  # a typo fails here, before any process starts
-    if nprocs < 1:
-        raise ValueError(f"nprocs: expected at least 1, got {nprocs}")
+    flags = torchrun_args(nprocs, nnodes, node_rank, master_addr, master_port, rdzv_endpoint, rdzv_id)
     with tempfile.TemporaryDirectory(prefix="lablib-launch-") as tmp:
         result_file = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nprocs}",
+        cmd = [sys.executable, "-m", "torch.distributed.run", *flags,
                "-m", "lablib.distributed", target, "--kwargs", json.dumps(kwargs), "--result", str(result_file)]
         if device:
             cmd += ["--device", device]

@@ -8,7 +8,10 @@ Notable here:
   of each row, causal after), `bidirectional`, and `custom` (a boolean
   `attn_mask`, True = may attend). The mode is the config's default and can be
   changed per call.
-- Positional encodings: `learned`, `sinusoidal`, `rope`, `none` (NoPE).
+- Positional encodings: `learned`, `sinusoidal`, `rope` (on all or, as in GPT-NeoX,
+  a leading share of each head's channels), `none` (NoPE).
+- Blocks are sequential by default; `parallel_residual` feeds attention and MLP the
+  same input, as GPT-NeoX (Pythia) and GPT-J do.
 - Every interesting activation passes through a `HookPoint` with a stable dotted
   name (`blocks.0.attn.hook_pattern`, `blocks.0.hook_resid_post`, ...), as in
   TransformerLens. `run_with_cache` returns them; `hooks(...)` edits them. A hook
@@ -86,14 +89,22 @@ def rope_tables(n_positions: int, head_dim: int, base: float) -> tuple[torch.Ten
     return angles.cos(), angles.sin()
 
 
+def rope_channels(cfg: ModelConfig) -> int:
+    """Channels of each head that RoPE rotates (the leading ones; the rest pass through)."""
+    return int(cfg.d_model // cfg.n_head * cfg.rope_fraction)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (x[..., :d/2], x[..., d/2:]) of x: (B, T, H, D) by position."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    """Rotate channel pairs (x[..., :r/2], x[..., r/2:r]) of x: (B, T, H, D) by position, r = 2 * cos.shape[-1];
+    channels from r on pass through unchanged (partial rotary, GPT-NeoX)."""
+    r = 2 * cos.shape[-1]
+    x1, x2 = x[..., :r].float().chunk(2, dim=-1)
     if cos.dim() == 2:  # (T, D/2): the same positions for every row
         cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     else:  # (B, T, D/2): per-row positions
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+    rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+    return rotated if r == x.shape[-1] else torch.cat([rotated, x[..., r:]], dim=-1)
 
 
 def build_mask(mode: str, T: int, device: torch.device, prefix_len: torch.Tensor | None = None,
@@ -174,12 +185,17 @@ class Block(nn.Module):
         self.ln1, self.attn = make_norm(cfg), Attention(cfg)
         self.ln2, self.mlp = make_norm(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
+        self.parallel = cfg.parallel_residual
         self.hook_resid_pre, self.hook_resid_mid, self.hook_resid_post = HookPoint(), HookPoint(), HookPoint()
         self.hook_attn_out, self.hook_mlp_out = HookPoint(), HookPoint()
 
     def forward(self, x, mode, mask, rope):
         x = self.hook_resid_pre(x)
-        x = self.hook_resid_mid(x + self.drop(self.hook_attn_out(self.attn(self.ln1(x), mode, mask, rope))))
+        attn = self.drop(self.hook_attn_out(self.attn(self.ln1(x), mode, mask, rope)))
+        if self.parallel:  # the MLP reads the block's input too; resid_mid is x + attention alone
+            mlp = self.drop(self.hook_mlp_out(self.mlp(self.ln2(x))))
+            return self.hook_resid_post(self.hook_resid_mid(x + attn) + mlp)
+        x = self.hook_resid_mid(x + attn)
         return self.hook_resid_post(x + self.drop(self.hook_mlp_out(self.mlp(self.ln2(x)))))
 
 
@@ -202,7 +218,7 @@ class Transformer(nn.Module):
         if cfg.pos == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
         if cfg.pos == "rope":
-            cos, sin = rope_tables(cfg.max_seq_len, cfg.d_model // cfg.n_head, cfg.rope_base)
+            cos, sin = rope_tables(cfg.max_seq_len, rope_channels(cfg), cfg.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)

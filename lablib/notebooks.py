@@ -7,13 +7,18 @@ Notable here:
   runs; names the cell does not list travel in the `overrides` dict.
 - `ensure_kernel()` registers a `lablib` kernel in this environment's prefix that
   starts this very Python, so papermill never hits "No such kernel" or runs in
-  another environment.
+  another environment; `ensure_kernel(user=True)` puts the same kernel in the user's
+  Jupyter data folder, where every JupyterLab of that user finds it.
 - `execute(...)` runs the notebook into its run folder and turns a failed cell into
-  one line: which cell, which exception, what it said.
+  one line: which cell, which exception, what it said. Its kernel draws plotly figures
+  with `HEADLESS_PLOTLY_RENDERER` (unless $PLOTLY_RENDERER says otherwise): the
+  interactive figure for JupyterLab plus an HTML copy that loads plotly.js from its CDN,
+  so the executed notebook shows its figures in nbconvert's HTML and on nbviewer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import json
@@ -26,6 +31,7 @@ from typing import Any
 from lablib.config import Config, ConfigError, default_preset
 
 KERNEL_NAME = "lablib"
+HEADLESS_PLOTLY_RENDERER = "plotly_mimetype+notebook_connected"
 RESERVED = ("preset", "run_dir", "overrides")
 
 
@@ -80,9 +86,23 @@ def check_params(info: NotebookInfo, preset: str | None, params: dict[str, Any])
     return cell, overrides
 
 
-def ensure_kernel() -> str:
-    """Register (once) a Jupyter kernel named 'lablib' that runs this environment's Python."""
-    folder = Path(sys.prefix) / "share" / "jupyter" / "kernels" / KERNEL_NAME
+def kernel_folder(user: bool = False) -> Path:
+    """Where the 'lablib' kernelspec lives: this environment's prefix, or the user's Jupyter data folder."""
+    if user:
+        from jupyter_core.paths import jupyter_data_dir
+
+        return Path(jupyter_data_dir()) / "kernels" / KERNEL_NAME
+    return Path(sys.prefix) / "share" / "jupyter" / "kernels" / KERNEL_NAME
+
+
+def ensure_kernel(user: bool = False) -> str:
+    """Register (once) a Jupyter kernel named 'lablib' that runs this environment's Python.
+
+    user: write it into the user's Jupyter data folder ($JUPYTER_DATA_DIR, else e.g.
+    ~/.local/share/jupyter) instead of this environment, so a JupyterLab installed
+    anywhere else offers it too.
+    """
+    folder = kernel_folder(user)
     spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
             "display_name": "Python (lablib)", "language": "python", "metadata": {"debugger": True}}
     path = folder / "kernel.json"
@@ -115,10 +135,27 @@ def execute(info: NotebookInfo, run_dir: Path, preset: str, cell: dict[str, Any]
     if overrides:
         parameters["overrides"] = overrides
     try:
-        papermill.execute_notebook(str(info.path), str(output), parameters=parameters, kernel_name=ensure_kernel(),
-                                   cwd=os.getcwd(), progress_bar=progress, log_output=False)
+        with _environment(PLOTLY_RENDERER=os.environ.get("PLOTLY_RENDERER") or HEADLESS_PLOTLY_RENDERER):
+            papermill.execute_notebook(str(info.path), str(output), parameters=parameters,
+                                       kernel_name=ensure_kernel(), cwd=os.getcwd(), progress_bar=progress,
+                                       log_output=False)
     except PapermillExecutionError as e:
         message = str(e.evalue).strip().splitlines()[-1] if str(e.evalue).strip() else ""
         raise NotebookFailed(f"cell {e.exec_count} of {info.path.name} failed: {e.ename}: {message} "
                              f"(executed notebook: {output})") from None
     return output
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    """These environment variables for the kernels started inside the block (they inherit ours)."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

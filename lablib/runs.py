@@ -180,7 +180,13 @@ class Run:
         from lablib.data import Tokenizer
 
         p = self.path / "tokenizer.json"
-        return Tokenizer.load(p) if p.is_file() else None
+        if not p.is_file():
+            return None
+        if self.params.get("tokenizer") == "hf":  # an imported checkpoint's own BPE (lablib.hf_import)
+            from lablib.gpt2 import load_gpt2_tokenizer
+
+            return load_gpt2_tokenizer(self.path)
+        return Tokenizer.load(p)
 
     def load_model(self, step: int | None = None, device: str = "cpu"):
         """(model, tokenizer) at checkpoint `step` (default: the latest), in eval mode."""
@@ -266,16 +272,41 @@ def list_runs(experiment: str | None = None, root: Path | None = None) -> list[R
     return runs
 
 
+KEY_PARAMS = ("steps", "seed")  # always shown where a run has them
+HEADLINE_METRICS = ("loss", "val_loss")  # the last logged value of each, beside results.json's numbers
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, (int, float, str, bool)) or value is None
+
+
 def runs_table(experiment: str | None = None, root: Path | None = None):
-    """One row per run: id, status, preset, key params and the numeric headline results."""
+    """One row per run: id, status, preset, key params and the headline results.
+
+    Key params are `steps`, `seed` and every parameter whose value differs between the
+    listed runs of one experiment (what tells them apart); headline results are the
+    numbers of results.json (`result.*`) and the last logged loss and val_loss.
+    """
     import pandas as pd
 
+    runs = list_runs(experiment, root)
+    params = {run.path: {k: v for k, v in run.params.items() if _scalar(v)} for run in runs}
+    varying: dict[str, set[str]] = {}
+    for experiment in {run.experiment for run in runs}:
+        same = [params[r.path] for r in runs if r.experiment == experiment]
+        names = set().union(*same) - {"experiment", "preset", "run_dir"}
+        varying[experiment] = {k for k in names if len({json.dumps(p.get(k)) for p in same}) > 1}
     rows = []
-    for run in list_runs(experiment, root):
-        params, results = run.params, run.results
+    for run in runs:
+        p, results = params[run.path], run.results
         row = {"experiment": run.experiment, "run": str(run.path.relative_to(run.path.parents[1])),
-               "status": run.state(), "preset": params.get("preset"),
-               "checkpoints": len(run.checkpoints())}
+               "status": run.state(), "preset": p.get("preset"), "checkpoints": len(run.checkpoints())}
+        row.update({k: p[k] for k in KEY_PARAMS if k in p})
+        row.update({k: p.get(k) for k in sorted(varying[run.experiment]) if k not in KEY_PARAMS})
+        last = {}
+        for logged in run.log.rows():
+            last.update({k: logged[k] for k in HEADLINE_METRICS if k in logged})
+        row.update(last)
         row.update({f"result.{k}": v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         rows.append(row)
     return pd.DataFrame(rows)

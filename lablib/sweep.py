@@ -1,4 +1,4 @@
-"""Sweeps: one notebook over a grid of parameters, in parallel processes.
+"""Sweeps: one notebook over a grid of parameters, in parallel processes or on a Ray cluster.
 
 Notable here:
 - Each grid point runs `lablib run` in its own process into a folder named after the
@@ -10,6 +10,11 @@ Notable here:
 - Each point runs in its own process group: interrupting the sweep stops the running
   points (their kernels included) and starts no more; they resume on the next run.
 - CPU threads are split between the parallel jobs so they do not fight.
+- `backend="ray"` hands each point to Ray (an existing cluster at `address` or
+  $RAY_ADDRESS, else a local Ray instance) as a task that reserves as many CPUs as
+  it runs threads and runs the same `lablib run` there. On a cluster the runs root
+  must be a folder every node sees (a shared filesystem), as for any sweep that
+  resumes. Ray is optional (the `ray` extra) and imported only for this backend.
 - The result is a table (pandas DataFrame, also written as `sweep.csv`) of every
   point's parameters, status and numeric `results.json` entries.
 """
@@ -146,10 +151,52 @@ def _run_point(notebook: Path, folder: Path, preset: str, params: dict[str, Any]
     return {"error": error}
 
 
+def _ray_point(notebook: Path, folder: Path, preset: str, params: dict[str, Any], threads: int) -> dict[str, Any]:
+    """One point as a Ray task: `_run_point`, whose `lablib run` is stopped if Ray cancels the task."""
+    points = _Points()
+    try:
+        return _run_point(notebook, folder, preset, params, threads, points)
+    except BaseException:
+        points.stop()
+        raise
+
+
+def _run_on_ray(todo: list[tuple[dict[str, Any], Path]], notebook: Path, preset: str, params: dict[str, Any],
+                threads: int, address: str | None, progress: bool) -> dict[str, dict[str, Any]]:
+    """{point name: outcome} for the points in `todo`, each run as a Ray task."""
+    import ray
+    from tqdm.auto import tqdm
+
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
+                 log_to_driver=False)
+    threads = max(1, min(threads, int(ray.cluster_resources().get("CPU", threads))))  # a task must fit a node
+    task = ray.remote(_ray_point).options(num_cpus=threads, max_retries=0)
+    refs = {task.remote(notebook, folder, preset, {**params, **point}, threads): point_name(point)
+            for point, folder in todo}
+    outcomes: dict[str, dict[str, Any]] = {}
+    pending = list(refs)
+    try:
+        with tqdm(total=len(refs), desc="sweep (ray)", disable=not progress) as bar:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                outcomes[refs[ready[0]]] = ray.get(ready[0])
+                bar.update(1)
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref)  # a KeyboardInterrupt inside the task, which stops its `lablib run`
+        raise
+    return outcomes
+
+
 def run_sweep(notebook: str | Path, grid: dict[str, list[Any]], *, preset: str | None = None,
               params: dict[str, Any] | None = None, jobs: int | None = None, name: str | None = None,
-              root: Path | None = None, progress: bool = True):
+              root: Path | None = None, progress: bool = True, backend: str = "local",
+              address: str | None = None):
     """Run `notebook` at every point of `grid` (with fixed `params`); returns the table of runs.
+
+    backend: "local" (parallel processes here) or "ray" (tasks on the Ray cluster at `address`,
+    default $RAY_ADDRESS or a local Ray instance).
 
     Interrupting it (Ctrl-C, the kernel's interrupt, SIGTERM) stops the running points and
     starts no others; running it again skips the finished points and resumes the rest.
@@ -157,6 +204,8 @@ def run_sweep(notebook: str | Path, grid: dict[str, list[Any]], *, preset: str |
     import pandas as pd
     from tqdm.auto import tqdm
 
+    if backend not in ("local", "ray"):
+        raise ConfigError(f"--backend: expected 'local' or 'ray', got {backend!r}")
     notebook = Path(notebook).resolve()
     info = inspect(notebook)
     preset = preset or default_preset()
@@ -178,11 +227,13 @@ def run_sweep(notebook: str | Path, grid: dict[str, list[Any]], *, preset: str |
 
     def work(point: dict[str, Any]) -> dict[str, Any]:
         run_folder = folder / point_name(point)
-        done = (run_folder / "results.json").is_file() and Run(run_folder).status.get("status") == "done"
+        done = _finished(run_folder)
         outcome = {"error": None, "skipped": True} if done else {
             **_run_point(notebook, run_folder, preset, {**params, **point}, threads, running), "skipped": False}
         return {"point": point_name(point), **point, **outcome, "run_dir": str(run_folder)}
 
+    if backend == "ray":
+        return _ray_sweep(folder, points, notebook, preset, params, threads, address, progress)
     pool = ThreadPoolExecutor(jobs)
     rows = []
     try:
@@ -195,6 +246,23 @@ def run_sweep(notebook: str | Path, grid: dict[str, list[Any]], *, preset: str |
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    table = sweep_table(folder, rows)
+    table.to_csv(folder / "sweep.csv", index=False)
+    return table
+
+
+def _finished(run_folder: Path) -> bool:
+    return (run_folder / "results.json").is_file() and Run(run_folder).status.get("status") == "done"
+
+
+def _ray_sweep(folder: Path, points: list[dict[str, Any]], notebook: Path, preset: str, params: dict[str, Any],
+               threads: int, address: str | None, progress: bool):
+    todo = [(point, folder / point_name(point)) for point in points if not _finished(folder / point_name(point))]
+    with sigterm_as_interrupt():
+        outcomes = _run_on_ray(todo, notebook, preset, params, threads, address, progress) if todo else {}
+    rows = [{"point": point_name(point), **point, **outcomes.get(point_name(point), {"error": None}),
+             "skipped": point_name(point) not in outcomes, "run_dir": str(folder / point_name(point))}
+            for point in points]
     table = sweep_table(folder, rows)
     table.to_csv(folder / "sweep.csv", index=False)
     return table

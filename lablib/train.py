@@ -29,6 +29,7 @@ import torch
 
 from lablib.checkpoints import checkpoint_schedule, list_checkpoints, load_checkpoint, save_checkpoint, unwrap
 from lablib.config import ConfigError, TrainConfig
+from lablib.loggers import close, make_loggers, send
 from lablib.objectives import Objective
 from lablib.seeding import stream_seed
 
@@ -215,18 +216,32 @@ class TrainResult:
     policy: HardwarePolicy
 
 
-Callback = tuple[int, Callable[[int, torch.nn.Module], dict[str, Any] | None]]
+Callback = tuple[int, Callable[..., dict[str, Any] | None]]  # fn(step, model) or fn(step, model, row)
+
+
+def _takes_row(fn: Callable) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    required = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    return len(required) >= 3 or any(p.name == "row" or p.kind == p.VAR_POSITIONAL for p in params)
 
 
 def train(model: torch.nn.Module, objective: Objective, data: BatchSource, cfg: TrainConfig, run=None, *,
           val: list[dict[str, torch.Tensor]] | None = None, callbacks: list[Callback] = (),
           resume: bool = True, progress: bool = True, policy: HardwarePolicy | None = None,
-          dist=None) -> TrainResult:
+          dist=None, loggers: list = ()) -> TrainResult:
     """Train `model` on micro-batches from `data` with `objective` for cfg.steps optimizer steps.
 
     run: a `lablib.runs.Run` for metrics and checkpoints (None trains without saving).
     val: fixed held-out micro-batches, evaluated every cfg.eval_every steps as val_loss.
-    callbacks: (every, fn(step, model) -> extra metrics) pairs, run at step 0 and every `every` steps.
+    callbacks: (every, fn(step, model) -> extra metrics) pairs, run at step 0 and every `every` steps;
+        a fn with a third parameter also gets the row logged so far at that step (loss, val_loss, ...).
+    loggers: where each logged row goes besides metrics.jsonl (`lablib.loggers`), on top of those
+        named by cfg.loggers.
     resume: continue from the newest checkpoint in the run folder, if there is one.
     dist: a `lablib.distributed.DistContext` when running under torchrun (None: one process).
     """
@@ -264,15 +279,19 @@ def train(model: torch.nn.Module, objective: Objective, data: BatchSource, cfg: 
         net = torch.compile(net)
     flops_tok = unwrap(model).flops_per_token(cfg.seq_len) if hasattr(unwrap(model), "flops_per_token") else None
 
+    sinks = ([*make_loggers(cfg.loggers, run), *loggers] if main else [])
+
     def log(row: dict[str, Any]) -> None:
         if run is not None and main:
             run.log.append(row)
+        send(sinks, row)
 
-    def run_callbacks(step: int) -> dict[str, Any]:
+    def run_callbacks(step: int, row: dict[str, Any]) -> dict[str, Any]:
         extra: dict[str, Any] = {}
         for every, fn in callbacks:
             if step % every == 0 or step == cfg.steps:
-                extra.update(fn(step, unwrap(model)) or {})
+                args = (step, unwrap(model), {**row, **extra}) if _takes_row(fn) else (step, unwrap(model))
+                extra.update(fn(*args) or {})
         return extra
 
     last_good = resumed_from
@@ -280,7 +299,7 @@ def train(model: torch.nn.Module, objective: Objective, data: BatchSource, cfg: 
         row = {"step": 0, "tokens": 0}
         if val:
             row.update(evaluate(net, objective, val, policy, cfg.seed))
-        row.update(run_callbacks(0))
+        row.update(run_callbacks(0, row))
         log(row)
 
     gen = torch.Generator()
@@ -340,7 +359,7 @@ def train(model: torch.nn.Module, objective: Objective, data: BatchSource, cfg: 
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}")
         if val and (done % cfg.eval_every == 0 or done == cfg.steps):
             row.update({"step": done, "tokens": done * tokens_per_step, **evaluate(net, objective, val, policy, cfg.seed)})
-        extra = run_callbacks(done) if any(done % every == 0 or done == cfg.steps for every, _ in callbacks) else {}
+        extra = run_callbacks(done, row) if any(done % every == 0 or done == cfg.steps for every, _ in callbacks) else {}
         if extra:
             row.update({"step": done, "tokens": done * tokens_per_step, **extra})
         if row:
@@ -359,6 +378,7 @@ def train(model: torch.nn.Module, objective: Objective, data: BatchSource, cfg: 
             last_good = done
         bar.update(1)
     bar.close()
+    close(sinks)
     seconds = time.perf_counter() - t0
     return TrainResult(cfg.steps, cfg.steps * tokens_per_step, seconds, final, resumed_from, policy)
 

@@ -4,6 +4,10 @@ Everything is started here and stopped here: a JupyterLab server in its own proc
 group with its own config, runtime and root folders; the kernels it started; a
 training process for the live test; and Chromium through Playwright. Marked
 `browser` (run by .ci/run; `pytest -m "not browser"` skips it).
+
+Two JupyterLabs: this environment's, and a plain one from another environment (a
+fresh venv holding jupyterlab only) that finds the lab's kernel where
+`lablib kernel --user` put it, as a researcher's own JupyterLab would.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -80,14 +85,11 @@ def kill_group(proc: subprocess.Popen) -> None:
             proc.wait(5)
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    """A JupyterLab server on 127.0.0.1 with a token; yields (base url, token, root folder)."""
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"{CHROMIUM} is missing; install Debian's chromium (apt-get install -y chromium)")
-    import psutil
+def start_lab(base: Path, python: str, env: dict[str, str]):
+    """A JupyterLab server of `python`'s environment on 127.0.0.1 with a token, in `base`.
 
-    base = tmp_path_factory.mktemp("lab")
+    Returns (server process, base url, token, root folder, runtime folder, log file).
+    """
     root, runtime, config = base / "root", base / "runtime", base / "config"
     settings = config / "lab" / "user-settings" / "@jupyterlab" / "notebook-extension"
     for folder in (root, runtime, config / "labconfig", settings):
@@ -97,38 +99,88 @@ def lab(tmp_path_factory):
         {"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}))
     (settings / "tracker.jupyterlab-settings").write_text(json.dumps({"autoStartDefaultKernel": True}))
     port, token = free_port(), secrets.token_hex(16)
-    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime), "JUPYTER_CONFIG_DIR": str(config),
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    env = {**env, "JUPYTER_RUNTIME_DIR": str(runtime), "JUPYTER_CONFIG_DIR": str(config),
            "LABLIB_RUNS": str(root / "runs"), "OMP_NUM_THREADS": "1"}
     log = open(base / "jupyter.log", "w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
+        [python, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
          f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.port_retries=0",
          f"--LabApp.workspaces_dir={base / 'workspaces'}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
+            return server, url, token, root, runtime, log
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                kill_group(server)
+                raise RuntimeError(f"JupyterLab did not start; see {base / 'jupyter.log'}")
+            time.sleep(0.5)
+
+
+def stop_lab(server: subprocess.Popen, runtime: Path, log) -> None:
+    """Stop the server and the kernels it started (found by its runtime folder: they run in their own sessions)."""
+    import psutil
+
+    kernels = [p for p in psutil.process_iter(["pid", "cmdline"])
+               if any(str(runtime) in part for part in (p.info["cmdline"] or []))]
+    kill_group(server)
+    for proc in kernels:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    log.close()
+
+
+def need_chromium() -> None:
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"{CHROMIUM} is missing; install Debian's chromium (apt-get install -y chromium)")
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A JupyterLab server of this environment; yields (base url, token, root folder)."""
+    need_chromium()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    server, url, token, root, runtime, log = start_lab(tmp_path_factory.mktemp("lab"), sys.executable, env)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"JupyterLab did not start; see {base / 'jupyter.log'}")
-                time.sleep(0.5)
         yield url, token, root
     finally:
-        # kernels run in their own sessions: find them by this server's runtime folder, then stop the server
-        kernels = [p for p in psutil.process_iter(["pid", "cmdline"])
-                   if any(str(runtime) in part for part in (p.info["cmdline"] or []))]
-        kill_group(server)
-        for proc in kernels:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        log.close()
+        stop_lab(server, runtime, log)
+
+
+@pytest.fixture(scope="module")
+def other_lab(tmp_path_factory):
+    """A plain JupyterLab from another environment (a fresh venv holding jupyterlab only), after
+    `lablib kernel --user` put the lab's kernel in the user's Jupyter data folder, which both share."""
+    need_chromium()
+    base = tmp_path_factory.mktemp("other-lab")
+    venv = base / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    # pip from this environment installs into the other one (no pip bootstrap needed there)
+    pip = subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "jupyterlab"],
+                         capture_output=True, text=True, timeout=900)
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    bare = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    assert subprocess.run([python, "-c", "import lablib"], capture_output=True, env=bare, cwd=base).returncode != 0
+    data = base / "user-data"  # stands for ~/.local/share/jupyter
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "JUPYTER_PATH")}
+    env.update(JUPYTER_DATA_DIR=str(data), LABLIB_PRESET="smoke",
+               PATH=os.pathsep.join([str(venv / "bin"), env.get("PATH", "")]),
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "-m", "lablib.cli", "kernel", "--user"], env=env, check=True, capture_output=True)
+    listed = json.loads(subprocess.run([python, "-m", "jupyter", "kernelspec", "list", "--json"], env=env, check=True,
+                                       capture_output=True, text=True).stdout)["kernelspecs"]
+    assert listed["lablib"]["spec"]["display_name"] == "Python (lablib)"
+    server, url, token, root, runtime, log = start_lab(base, python, env)
+    try:
+        yield url, token, root
+    finally:
+        stop_lab(server, runtime, log)
 
 
 @pytest.fixture
@@ -147,7 +199,7 @@ def page(lab, tmp_path):
             browser.close()
 
 
-def open_and_run(page, lab, name: str, screenshots: Path) -> None:
+def open_and_run(page, lab, name: str, screenshots: Path, ready: str = ".lablib-explorer .lablib-step") -> None:
     url, token, _ = lab
     page.goto(f"{url}/lab/tree/{name}?token={token}&reset")  # reset: no tabs restored from an earlier test
     try:
@@ -163,7 +215,7 @@ def open_and_run(page, lab, name: str, screenshots: Path) -> None:
                 break
             except Exception:
                 continue
-        page.wait_for_selector(".lablib-explorer .lablib-step")
+        page.wait_for_selector(ready)
     except Exception:
         page.screenshot(path=str(screenshots / f"{name}-failed.png"))
         raise
@@ -264,3 +316,47 @@ def test_checkpoints_of_a_run_training_in_another_process_reach_the_slider(lab, 
         page.screenshot(path=str(tmp_path / "live.png"))
     finally:
         kill_group(trainer)
+
+
+def test_quickstart_runs_in_another_environments_jupyterlab_with_the_labs_kernel(other_lab, page, tmp_path):
+    url, token, root = other_lab
+    shutil.copy(REPO / "notebooks" / "00_quickstart.ipynb", root / "00_quickstart.ipynb")
+    open_and_run(page, other_lab, "00_quickstart.ipynb", tmp_path, ready=".jp-Notebook .jp-Cell")
+    wait_for(lambda: list((root / "runs" / "quickstart").glob("*/results.json")), 600,
+             "the quickstart's results.json (every cell ran)")
+    sessions = json.loads(urllib.request.urlopen(f"{url}/api/sessions?token={token}", timeout=5).read())
+    assert [s["kernel"]["name"] for s in sessions] == ["lablib"]
+    wait_for(lambda: "Python (lablib)" in page.inner_text(".jp-NotebookPanel-toolbar"), 30,
+             "the toolbar to name the lab's kernel")
+    results = json.loads(next((root / "runs" / "quickstart").glob("*/results.json")).read_text())
+    assert results["final_val_loss"] < results["initial_val_loss"]
+    page.screenshot(path=str(tmp_path / "quickstart.png"))
+
+
+def test_an_imported_pythia_shaped_model_opens_in_the_explorer(lab, page, tmp_path):
+    from test_hf_import import pythia_shaped, save_tokenizer
+
+    _, _, root = lab
+    source = tmp_path / "pythia-tiny"
+    for seed, revision in enumerate(["step0", "step4"]):
+        pythia_shaped(seed).save_pretrained(str(source / revision))
+        save_tokenizer(source / revision)
+    run_dir = root / "runs" / "pythia"
+    subprocess.run([sys.executable, "-m", "lablib.cli", "import-hf", str(source), "--run-dir", str(run_dir)],
+                   check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    prompt = "def f(x):"
+    from lablib.runs import open_run
+
+    n_tokens = len(open_run(run_dir).tokenizer().encode(prompt))
+    notebook(root / "pythia.ipynb", "from widgets.explorer import CheckpointExplorer\n"
+                                    f"CheckpointExplorer({str(run_dir)!r}, prompt={prompt!r}, poll_interval=0.5)")
+    open_and_run(page, lab, "pythia.ipynb", tmp_path)
+    wait_for(lambda: "step 4" in step_text(page), 60, "the explorer to open on the newest revision")
+    wait_for(lambda: heatmap(page, "lablib-attention"), 60, "the attention heatmap to be drawn")
+    assert heatmap(page, "lablib-attention")[0] == n_tokens
+    lens_before = heatmap(page, "lablib-lens")
+    page.focus(".lablib-explorer .noUi-handle")
+    page.keyboard.press("Home")  # the step0 revision
+    wait_for(lambda: "step 0 " in step_text(page) + " ", 30, "the step label to say step 0")
+    wait_for(lambda: heatmap(page, "lablib-lens") != lens_before, 30, "the logit lens to change")
+    page.locator(".lablib-explorer").screenshot(path=str(tmp_path / "pythia-explorer.png"))

@@ -15,6 +15,8 @@ batches of this data give the initial model losses 1e-3 to 2.5e-2 apart.
 """
 
 import json
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ import torch
 
 from lablib.config import ConfigError, ModelConfig, TrainConfig
 from lablib.data import TokenBlocks
-from lablib.distributed import import_target, launch
+from lablib.distributed import import_target, launch, torchrun_args
 from lablib.models import Transformer
 from lablib.objectives import CausalLM
 from lablib.train import global_batch_split, train
@@ -117,3 +119,29 @@ def test_two_gloo_processes_match_one_process_and_resume(tmp_path):
 def test_launch_refuses_a_target_it_cannot_import():
     with pytest.raises(ValueError, match="module:function"):
         import_target("train_tiny")
+
+
+def world_info(dist):
+    """A launch target: what rank 0 sees of the job."""
+    return {"world_size": dist.world_size, "rank": dist.rank, "master": os.environ["MASTER_ADDR"]}
+
+
+def test_torchrun_flags_for_one_machine_static_and_elastic_rendezvous():
+    assert torchrun_args(2) == ["--standalone", "--nproc-per-node=2"]
+    assert torchrun_args(4, nnodes=2, node_rank=1, master_addr="10.0.0.1") == [
+        "--nproc-per-node=4", "--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=29500"]
+    assert torchrun_args(8, nnodes="1:4", rdzv_endpoint="head:29400", rdzv_id="job-7") == [
+        "--nproc-per-node=8", "--nnodes=1:4", "--rdzv-backend=c10d", "--rdzv-endpoint=head:29400", "--rdzv-id=job-7"]
+    with pytest.raises(ValueError, match="master_addr and node_rank"):
+        torchrun_args(2, nnodes=2)
+    with pytest.raises(ValueError, match="node_rank"):
+        torchrun_args(2, nnodes=2, node_rank=2, master_addr="10.0.0.1")
+
+
+def test_launch_passes_static_rendezvous_flags_to_torchrun():
+    with socket.socket() as s:  # a free port for this one-node job
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = launch("test_distributed:world_info", nprocs=2, device="cpu", nnodes=1, node_rank=0,
+                 master_addr="127.0.0.1", master_port=port)
+    assert out == {"world_size": 2, "rank": 0, "master": "127.0.0.1"}

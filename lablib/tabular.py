@@ -44,7 +44,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from lablib.config import ConfigError, ModelConfig, TrainConfig, knob
-from lablib.models import Transformer
+from lablib.models import Transformer, register_model
 from lablib.tasks.scm_prior import FEATURE_CLIP, TabularPrior
 from lablib.train import TrainResult, policy_record, resolve_hardware, train
 
@@ -64,8 +64,11 @@ class TabularPFNConfig(ModelConfig):
         self.vocab_size = self.max_classes + 1
 
 
+@register_model
 class TabularPFN(nn.Module):
     """Rows in, class logits out: (B, N, F) features and (B, N) labels -> (B, N, max_classes)."""
+
+    config_class = TabularPFNConfig
 
     def __init__(self, cfg: TabularPFNConfig):
         super().__init__()

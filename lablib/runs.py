@@ -287,13 +287,19 @@ def start_run(experiment: str, cfg, run_dir: str | Path | None = None, **extra: 
 
     params = {**cfg.to_dict(), **extra}
     if run_dir is not None and (Path(run_dir) / "params.json").is_file():
-        before = Run(run_dir).params
-        changed = {k: (before.get(k), v) for k, v in cfg.to_dict().items() if k in before and before[k] != v}
-        if changed:
-            diff = ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in sorted(changed.items()))
+        if diff := parameter_changes(Run(run_dir).params, cfg):
             raise ConfigError(f"run folder {run_dir} was made with other parameters: {diff}; "
                               "resume with the same parameters or start a new run")
     return create_run(experiment, json.loads(json.dumps(params, default=str)), run_dir)
+
+
+def parameter_changes(before: dict[str, Any], cfg) -> str | None:
+    """'steps=30 (now 31), ...' for the config values that differ from a run's params.json; None when none do."""
+    now_values = json.loads(json.dumps(cfg.to_dict(), default=str))
+    changed = {k: (before.get(k), v) for k, v in now_values.items() if k in before and before[k] != v}
+    if not changed:
+        return None
+    return ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in sorted(changed.items()))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -326,9 +332,14 @@ def runs_table(experiment: str | None = None, root: Path | None = None):
 
     rows = []
     for run in list_runs(experiment, root):
-        params, results = run.params, run.results
+        try:
+            params, results, state = run.params, run.results, run.state()
+        except (OSError, ValueError) as e:  # a damaged folder is listed as such, not a traceback
+            rows.append({"experiment": run.path.parent.name, "run": str(run.path.relative_to(run.path.parents[1])),
+                         "status": "unreadable", "error": str(e)})
+            continue
         row = {"experiment": run.experiment, "run": str(run.path.relative_to(run.path.parents[1])),
-               "status": run.state(), "preset": params.get("preset"),
+               "status": state, "preset": params.get("preset"),
                "checkpoints": len(run.checkpoints())}
         row.update({f"result.{k}": v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         rows.append(row)

@@ -131,26 +131,36 @@ def verify_checkpoint(folder: Path, checksums: bool = True) -> dict[str, Any]:
     return state
 
 
-def list_checkpoints(run_dir: Path) -> list[int]:
-    """Steps of the complete checkpoints in run_dir (state.json present, file sizes matching), ascending."""
+def _step_folders(run_dir: Path) -> list[tuple[int, Path]]:
+    """Every step-NNNNNN folder, complete or not, ascending."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
+    return sorted((int(m.group(1)), child) for child in root.iterdir() if (m := STEP_DIR.match(child.name)))
+
+
+def list_checkpoints(run_dir: Path) -> list[int]:
+    """Steps of the complete checkpoints in run_dir (state.json present, file sizes matching), ascending."""
     steps = []
-    for child in root.iterdir():
-        m = STEP_DIR.match(child.name)
-        if not m:
-            continue
+    for step, folder in _step_folders(run_dir):
         try:
-            verify_checkpoint(child, checksums=False)
+            verify_checkpoint(folder, checksums=False)
         except CheckpointError:
             continue
-        steps.append(int(m.group(1)))
-    return sorted(steps)
+        steps.append(step)
+    return steps
 
 
 def has_optimizer(run_dir: Path, step: int) -> bool:
-    return (_folder(run_dir, step) / "optimizer.safetensors").is_file()
+    """Does checkpoint `step` hold optimizer state (as its state.json records it)?"""
+    folder = _folder(run_dir, step)
+    try:
+        state = verify_checkpoint(folder, checksums=False)
+    except CheckpointError:
+        return False
+    files = state.get("files")
+    recorded = "optimizer_param_groups" in state and (files is None or "optimizer.safetensors" in files)
+    return recorded and (folder / "optimizer.safetensors").is_file()
 
 
 def newest_loadable(run_dir: Path, need_optimizer: bool = False, notice: bool = True) -> int | None:
@@ -158,26 +168,25 @@ def newest_loadable(run_dir: Path, need_optimizer: bool = False, notice: bool = 
 
     Skipped newer checkpoints are reported in one line on stderr: which one is used and why.
     """
-    skipped: list[tuple[int, str]] = []
-    for step in reversed(list_checkpoints(run_dir)):
-        if need_optimizer and not has_optimizer(run_dir, step):
-            skipped.append((step, "it holds no optimizer state"))
-            continue
+    damaged: list[tuple[int, str]] = []  # (step, why), newest first
+    for step, folder in reversed(_step_folders(run_dir)):
         try:
-            verify_checkpoint(_folder(run_dir, step))
+            verify_checkpoint(folder)
         except CheckpointError as e:
-            skipped.append((step, str(e)))
+            damaged.append((step, str(e)))
             continue
-        if notice and skipped and any(reason != "it holds no optimizer state" for _, reason in skipped):
-            bad, reason = next((s, r) for s, r in skipped if r != "it holds no optimizer state")
-            print(f"lablib: using checkpoint step {step} of {run_dir}: step {bad} is unusable ({reason})",
-                  file=sys.stderr)
+        if need_optimizer and not has_optimizer(run_dir, step):
+            continue  # an older checkpoint that kept only its weights
+        if notice and damaged:
+            bad, why = damaged[0]
+            print(f"lablib: using checkpoint step {step} of {run_dir}: step {bad} is unusable ({why})", file=sys.stderr)
         return step
-    if skipped:
-        bad, reason = skipped[0]
+    if damaged:
+        bad, why = damaged[0]
         raise CheckpointError(f"no usable checkpoint in {Path(run_dir) / 'checkpoints'}: the newest, step {bad}, "
-                              f"is unusable ({reason})" + (" and no older one holds optimizer state"
-                                                           if need_optimizer else ""))
+                              f"is unusable ({why})" + ("; no older one holds optimizer state" if need_optimizer else ""))
+    if need_optimizer and list_checkpoints(run_dir):
+        raise CheckpointError(f"no checkpoint in {Path(run_dir) / 'checkpoints'} holds optimizer state to resume from")
     return None
 
 
@@ -282,7 +291,7 @@ def load_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
         state = verify_checkpoint(folder)
     except CheckpointError as e:
         raise CheckpointError(f"checkpoint step {step} in {folder.parent} is unusable: {e}") from None
-    if optimizer is not None and not (folder / "optimizer.safetensors").is_file():
+    if optimizer is not None and not has_optimizer(run_dir, step):
         raise CheckpointError(f"checkpoint step {step} in {folder.parent} holds no optimizer state "
                               "(kept only in the newest keep_optimizer checkpoints)")
     try:

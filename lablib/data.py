@@ -185,7 +185,11 @@ def load_corpus(corpus: str = "stdlib", max_chars: int | None = None, cache: Pat
     if max_chars is not None and corpus != "stdlib":
         lengths = np.cumsum([len(t) for t in ds["text"]])
         # documents up to the one that reaches max_chars (all of them when the corpus is smaller)
-        ds = ds.select(range(min(len(ds), int(np.searchsorted(lengths, max_chars)) + 1)))
+        keep = min(len(ds), int(np.searchsorted(lengths, max_chars)) + 1)
+        ds = ds.select(range(keep))
+        if keep and lengths[keep - 1] > max_chars:  # the last document is cut: at most max_chars in all
+            last, room = keep - 1, max_chars - (int(lengths[keep - 2]) if keep > 1 else 0)
+            ds = ds.map(lambda row, i: {"text": row["text"][:room] if i == last else row["text"]}, with_indices=True)
     return ds
 
 

@@ -254,8 +254,8 @@ def train(model: torch.nn.Module, objective: Objective, data: BatchSource, cfg: 
     if run is not None and resume and (resumed_from := newest_loadable(run.path, need_optimizer=True)) is not None:
         state = load_checkpoint(run.path, resumed_from, model, optimizer, device=policy.device)
         start = state["step"]
-        if main:
-            run.log.truncate_after(start)
+    if run is not None and main and (resumed_from is not None or run.log.path.exists()):
+        run.log.truncate_after(start if resumed_from is not None else -1)  # rows past the checkpoint resumed from
     if run is not None and main:
         run.save_model_spec(model)
 

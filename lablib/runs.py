@@ -248,16 +248,6 @@ class Run:
         p = self.path / "tokenizer.json"
         return Tokenizer.load(p) if p.is_file() else None
 
-    def load_model(self, step: int | None = None, device: str = "cpu"):
-        """(model, tokenizer) at checkpoint `step` (default: the latest), in eval mode."""
-        steps = self.checkpoints()
-        if not steps:
-            raise FileNotFoundError(f"{self.path} has no checkpoints yet")
-        step = steps[-1] if step is None else step
-        model = self.build_model().to(device)
-        load_checkpoint(self.path, step, model, device=device)
-        return model.eval(), self.tokenizer()
-
 
 def open_run(path: str | Path) -> Run:
     return Run(path)

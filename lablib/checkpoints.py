@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from lablib.io import atomic_write_json, atomic_write_text, file_digest, fsync_dir, fsync_file
@@ -111,9 +111,16 @@ def verify_checkpoint(folder: Path, checksums: bool = True) -> dict[str, Any]:
     except ValueError:
         raise CheckpointError("state.json is malformed") from None
     files = state.get("files")
-    if files is None:  # written before checksums were recorded: complete when its weights are there
+    if files is None:  # written before checksums were recorded: complete when its files are whole safetensors
         if not (folder / "model.safetensors").is_file():
             raise CheckpointError("model.safetensors is missing")
+        for name in TENSOR_FILES if checksums else ():
+            if (folder / name).is_file():
+                try:
+                    with safe_open(str(folder / name), "pt") as f:
+                        f.keys()
+                except (SafetensorError, OSError) as e:
+                    raise CheckpointError(f"{name} is not a whole safetensors file ({str(e).splitlines()[0][:80]})") from None
         return state
     if not isinstance(files, dict) or "model.safetensors" not in files:
         raise CheckpointError("state.json does not list model.safetensors")

@@ -126,7 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     preset = preset or default_preset()
     cell, overrides = check_params(info, preset, params)
     _preflight(info, run_dir, preset, params)
-    finished = (run_dir / "status.json").is_file() and Run(run_dir).status.get("status") == "done"
+    finished = (run_dir / "params.json").is_file() and Run(run_dir).status.get("status") == "done"  # read by _preflight
     if not args.quiet:
         print(f"lablib: running {info.path.name} (preset {preset}) into {run_dir}", file=sys.stderr)
     try:

@@ -138,3 +138,25 @@ def test_optimizer_state_is_kept_only_in_the_newest_checkpoints(tmp_path):
     every = create_run("t", {}, tmp_path / "every")
     train(tiny(), CausalLM(), BLOCKS, cfg(keep_optimizer=None), every, progress=False)
     assert all((every.path / f"checkpoints/step-{s:06d}/optimizer.safetensors").is_file() for s in every.checkpoints())
+
+
+def test_a_run_folder_written_before_checksums_and_the_registry_still_resumes(tmp_path):
+    import json
+
+    full = create_run("t", {}, tmp_path / "full")
+    train(tiny(), CausalLM(), BLOCKS, cfg(), full, progress=False)
+    old = create_run("t", {}, tmp_path / "old")
+    with pytest.raises(KeyboardInterrupt):  # a crash after step 9, past the step-8 checkpoint
+        train(tiny(), CausalLM(), BLOCKS, cfg(keep_optimizer=None), old, progress=False, callbacks=[(1, _crash_after(9))])
+    for state in (old.path / "checkpoints").glob("step-*/state.json"):  # the format of earlier versions
+        data = json.loads(state.read_text())
+        data.pop("files")
+        state.write_text(json.dumps(data))
+    spec = json.loads((old.path / "model.json").read_text())
+    (old.path / "model.json").write_text(json.dumps({"class": "lablib.models:Transformer",
+                                                     "config_class": "lablib.config:ModelConfig", "config": spec["config"]}))
+    (old.path / "checkpoints" / "step-000008" / "model.safetensors").write_bytes(b"\x10\x00")  # torn, undetectable by size
+    result = train(tiny(seed=7), CausalLM(), BLOCKS, cfg(), old, progress=False)
+    assert result.resumed_from == 4
+    assert losses(old) == losses(full)
+    old.load_model()

@@ -208,7 +208,9 @@ def nonfinite_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
 
 
 def _written(path: Path) -> dict[str, Any]:
+    """fsync a file safetensors wrote, make it readable like the rest of the folder; its size and sha256."""
     fsync_file(path)
+    os.chmod(path, 0o644)  # safetensors creates 0600 files; run folders are meant to be shared and copied
     return file_digest(path)
 
 

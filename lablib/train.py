@@ -320,7 +320,6 @@ def train(model: torch.nn.Module, objective: Objective, data: BatchSource, cfg: 
         if dist is not None:
             step_loss = dist.mean(step_loss)
         loss_value = float(step_loss)
-
         if not math.isfinite(loss_value):
             raise diverged(f"loss became {loss_value}")
         if scaler:

@@ -533,12 +533,12 @@ class MasteryPacing:
 
 
 def resumed_stage(run, cfg: CausalAxiomsConfig) -> int:
-    """The mastery curriculum's stage at the run's newest checkpoint, from its metrics log (0 if none)."""
-    from lablib.checkpoints import list_checkpoints
+    """The mastery curriculum's stage at the checkpoint training resumes from, from its metrics log (0 if none)."""
+    from lablib.checkpoints import newest_loadable
 
-    if run is None or not list_checkpoints(run.path):
+    step = None if run is None else newest_loadable(run.path, need_optimizer=True, notice=False)
+    if step is None:
         return 0
-    step = list_checkpoints(run.path)[-1]
     logged = [r for r in run.log.rows() if "curriculum_stage" in r and r.get("step", 0) <= step]
     return int(logged[-1]["curriculum_stage"]) if logged else 0
 

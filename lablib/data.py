@@ -115,11 +115,19 @@ def check_corpus(corpus: str, seq_len: int | None = None, max_chars: int | None 
     """Check a local corpus without loading it: every file readable, non-empty UTF-8 text; enough for one block.
 
     Reads each file in chunks (stopping after max_chars characters in all), so huge files
-    and single huge lines cost no more memory than a chunk. Returns {"files", "chars"} or
-    None for corpora that are not local; raises FileNotFoundError / CorpusError (one line).
+    and single huge lines cost no more memory than a chunk. The stdlib corpus is counted
+    when cut at max_chars; `hf:` corpora are not checked (None). Returns {"files", "chars"};
+    raises FileNotFoundError / CorpusError (one line).
     """
     import codecs
 
+    if corpus == "stdlib" and max_chars is not None and seq_len is not None:  # small prefixes only: cheap to count
+        docs = [len(d["text"]) for d in stdlib_documents(max_chars)]
+        if sum(docs) + len(docs) < seq_len + 1:
+            raise CorpusError(f"corpus 'stdlib' cut at corpus_max_chars={max_chars} holds {sum(docs)} characters, "
+                              f"fewer than one training block of seq_len+1={seq_len + 1} tokens; use a larger "
+                              "corpus_max_chars or a shorter seq_len")
+        return {"files": len(docs), "chars": sum(docs)}
     files = corpus_files(corpus)
     if files is None:
         return None

@@ -127,3 +127,9 @@ def test_a_corpus_shorter_than_one_block_is_refused_before_loading(tmp_path):
     (tmp_path / "c.txt").write_text("short")
     with pytest.raises(CorpusError, match=r"holds 5 characters, fewer than one training block of seq_len\+1=65"):
         check_corpus(str(tmp_path / "c.txt"), seq_len=64)
+
+
+def test_a_stdlib_prefix_shorter_than_one_block_is_refused():
+    assert check_corpus("stdlib", seq_len=64, max_chars=10_000)["chars"] >= 10_000
+    with pytest.raises(CorpusError, match="corpus 'stdlib' cut at corpus_max_chars=10 holds"):
+        check_corpus("stdlib", seq_len=1_000_000, max_chars=10)

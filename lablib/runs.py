@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import secrets
 from pathlib import Path
@@ -238,9 +239,40 @@ class Run:
             raise FileNotFoundError(f"{self.path} has no checkpoints yet")
         if step is None:
             step = newest_loadable(self.path)
+        self._check_against_weights(step)
         model = self.build_model().to(device)
         load_checkpoint(self.path, step, model, device=device)
         return model.eval(), self.tokenizer()
+
+    def _check_against_weights(self, step: int) -> None:
+        """Refuse (one line) a model.json whose model would not fit the checkpoint's tensors.
+
+        The model is first built on the meta device (no memory) and its shapes compared with
+        the safetensors header, so a config edited to other sizes neither allocates a huge
+        model nor ends in load_state_dict's many-line error.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        from lablib.checkpoints import step_dir_name
+        from lablib.config import ConfigError
+
+        path = self.path / "checkpoints" / step_dir_name(step) / "model.safetensors"
+        try:
+            with safe_open(str(path), "pt") as f:
+                stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        except (SafetensorError, OSError):
+            return  # load_checkpoint reports an unreadable file
+        with torch.device("meta"):
+            skeleton = self.build_model()
+        shapes = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+        for name, shape in stored.items():
+            if shapes.get(name) != shape:
+                got = "absent" if name not in shapes else str(shapes[name])
+                raise ConfigError(f"{self.path / 'model.json'}: its config does not fit the weights of step {step} "
+                                  f"({name}: {shape} in the checkpoint, {got} from model.json)")
+        if sum(p.numel() for p in skeleton.parameters()) > sum(math.prod(s) for s in stored.values()):
+            raise ConfigError(f"{self.path / 'model.json'}: its config describes a larger model than the weights "
+                              f"of step {step}")
 
     def tokenizer(self):
         from lablib.data import Tokenizer

@@ -247,6 +247,9 @@ HOSTILE = [
     {"model": "Transformer", "config": {"pos": "rope; import os"}},
     {"model": "Transformer", "config": [1, 2]},
     {"model": "Transformer", "config": {"mask": {"__reduce__": "os.system"}}},
+    {"model": "Transformer", "config": {"vocab_size": 30, "n_layer": 1, "n_head": 2, "d_model": 16, "max_seq_len": 16,
+                                        "dropout": 0.1, "d_mlp": 10**9}},  # valid, but 4e10 bytes: never allocated
+    {"model": "Transformer", "config": {"vocab_size": 30, "n_layer": 3, "n_head": 2, "d_model": 16, "max_seq_len": 16}},
     "nested",
     "huge",
     "not json",

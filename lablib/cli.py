@@ -77,7 +77,8 @@ def _preflight(info, run_dir: Path, preset: str, params: dict) -> None:
     from lablib.data import CorpusError, check_corpus
     from lablib.runs import Run, parameter_changes
 
-    cfg = info.config_cls.resolve(preset, **{**_cell_defaults(info), **params})
+    fields = info.config_cls.fields_by_name()
+    cfg = info.config_cls.resolve(preset, **{**_cell_defaults(info), **{k: v for k, v in params.items() if k in fields}})
     if not _writable(run_dir):
         raise ConfigError(f"run folder {run_dir} is not writable; choose another with --run-dir or $LABLIB_RUNS")
     if run_dir.exists() and (run_dir / "params.json").exists():
@@ -93,7 +94,7 @@ def _preflight(info, run_dir: Path, preset: str, params: dict) -> None:
             newest_loadable(run_dir, need_optimizer=True)
         except CheckpointError as e:
             raise ConfigError(str(e)) from None
-    if "corpus" in info.config_cls.fields_by_name():
+    if "corpus" in fields:
         try:
             check_corpus(cfg.corpus, getattr(cfg, "seq_len", None), getattr(cfg, "corpus_max_chars", None))
         except CorpusError as e:

@@ -13,11 +13,20 @@ and what was given, exit status 2. A failed cell is one line too (which cell, wh
 exit status 1. Ctrl-C or SIGTERM stops the notebook (and a sweep's running points) with
 exit status 130 or 143; the checkpoints stay, and `--resume RUN_DIR` (or the same sweep
 again) carries on.
+
+`lablib run` checks before the kernel starts what it can: the notebook is a notebook,
+the run folder is readable and writable and (when it exists) was made with the same
+parameters, its checkpoints include an intact one to resume from, and a local corpus is
+non-empty UTF-8 text holding at least one block. A later attempt never downgrades a
+finished run: its notebook.ipynb, params.json and status stay until the attempt succeeds
+(README: "What can go wrong").
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import os
 import shlex
 import signal
 import sys
@@ -33,6 +42,69 @@ def _params(pairs: list[list[str]] | None, config_cls) -> dict:
     return {name: config_cls.parse(name, value) for name, value in (pairs or [])}
 
 
+def _writable(folder: Path) -> bool:
+    """Can files be created in `folder` (or, when it does not exist yet, in its nearest existing parent)?
+
+    Tried for real: permission bits say nothing about a read-only mount, or to root.
+    """
+    import tempfile
+
+    while not folder.exists():
+        folder = folder.parent
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".lablib-write-test-")
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
+
+
+def _cell_defaults(info) -> dict:
+    """Config knobs the parameters cell sets to a literal other than None (the kernel resolves them too)."""
+    fields = info.config_cls.fields_by_name()
+    out = {}
+    for name, spec in info.cell_params.items():
+        if name in fields:
+            try:
+                value = ast.literal_eval(spec.get("default", "None"))
+            except (ValueError, SyntaxError):
+                continue
+            if value is not None:
+                out[name] = value
+    return out
+
+
+def _preflight(info, run_dir: Path, preset: str, params: dict) -> None:
+    """What would stop the run, found before papermill writes anything; raises ConfigError (one line)."""
+    from lablib.checkpoints import CheckpointError, newest_loadable
+    from lablib.data import CorpusError, check_corpus
+    from lablib.runs import Run, parameter_changes
+
+    fields = info.config_cls.fields_by_name()
+    cfg = info.config_cls.resolve(preset, **{**_cell_defaults(info), **{k: v for k, v in params.items() if k in fields}})
+    if not _writable(run_dir):
+        raise ConfigError(f"run folder {run_dir} is not writable; choose another with --run-dir or $LABLIB_RUNS")
+    if run_dir.exists() and (run_dir / "params.json").exists():
+        run = Run(run_dir)
+        try:
+            before, _ = run.params, run.status
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"run folder {run_dir} is unreadable: {e}; start a new run") from None
+        if diff := parameter_changes(before, cfg):
+            raise ConfigError(f"run folder {run_dir} was made with other parameters: {diff}; "
+                              "resume with the same parameters or start a new run")
+        try:
+            newest_loadable(run_dir, need_optimizer=True)
+        except CheckpointError as e:
+            raise ConfigError(str(e)) from None
+    if "corpus" in fields:
+        try:
+            check_corpus(cfg.corpus, getattr(cfg, "seq_len", None), getattr(cfg, "corpus_max_chars", None))
+        except CorpusError as e:
+            raise ConfigError(str(e)) from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from lablib.notebooks import NotebookFailed, check_params, execute, inspect
     from lablib.progress import follow_metrics
@@ -43,7 +115,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     preset = args.preset
     if args.resume:
         run = Run(args.resume)
-        stored = run.params
+        try:
+            stored = run.params
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--resume {args.resume}: {e}") from None
         if not stored:
             raise ConfigError(f"--resume {args.resume}: expected a run folder with params.json")
         if params:
@@ -56,17 +131,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_dir = Path(args.run_dir).resolve() if args.run_dir else runs_root() / info.experiment / new_run_id()
     preset = preset or default_preset()
     cell, overrides = check_params(info, preset, params)
+    _preflight(info, run_dir, preset, params)
+    finished = (run_dir / "params.json").is_file() and Run(run_dir).status.get("status") == "done"  # read by _preflight
     if not args.quiet:
         print(f"lablib: running {info.path.name} (preset {preset}) into {run_dir}", file=sys.stderr)
     try:
         with follow_metrics(run_dir, enabled=not args.quiet):  # a line per logged step on stderr
             execute(info, run_dir, preset, cell, overrides, progress=not args.quiet)
     except KeyboardInterrupt:
-        if (run_dir / "params.json").is_file() and Run(run_dir).status.get("status") == "running":
+        if not finished and (run_dir / "params.json").is_file() and Run(run_dir).status.get("status") == "running":
             Run(run_dir).set_status("stopped", error="interrupted")
         print(f"lablib: interrupted; `lablib run {args.notebook} --resume {run_dir}` carries on", file=sys.stderr)
         raise
     except NotebookFailed as e:
+        if finished:  # the finished run keeps its record; the failed attempt is noted beside it
+            Run(run_dir).set_status("done", attempt={"status": "failed", "error": str(e)})
+            print(f"lablib: {e}; the finished run in {run_dir} is unchanged", file=sys.stderr)
+            return 1
         if (run_dir / "params.json").is_file():
             Run(run_dir).set_status("failed", error=str(e))
         print(f"lablib: {e}", file=sys.stderr)
@@ -206,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"lablib: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as e:  # a read-only or full disk met after the checks (papermill writing its notebook, say)
+        print(f"lablib: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
 

@@ -281,6 +281,8 @@ class TrainConfig(Config):
     log_every: int = knob(10, "steps between metric lines", min=1)
     checkpoint_every: int = knob(500, "steps between checkpoints after the log-spaced early ones", min=1)
     keep_last: int | None = knob(None, "keep only this many newest checkpoints (None keeps all)", min=1)
+    keep_optimizer: int | None = knob(1, "checkpoints that keep optimizer state for resuming, newest first "
+                                         "(None: all); the others keep their weights", min=1)
     device: Literal["auto", "cpu", "cuda", "mps"] = knob("auto", "where to train")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = knob("auto", "autocast dtype")
     compile: Literal["auto", "on", "off"] = knob("auto", "torch.compile the model")

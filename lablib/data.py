@@ -7,7 +7,13 @@ Notable here:
   any `datasets` name written `hf:NAME[:CONFIG]` (needs the network).
 - Tokenizers come from the `tokenizers` library: character-level (a WordLevel model
   over single characters) and byte-level BPE. Both save to one `tokenizer.json`.
-- The held-out split is by document, so no held-out text leaks into training.
+- The held-out split is by document, so no held-out text leaks into training. A corpus
+  too small for that (one file, or a held-out document shorter than a block) is split
+  by blocks of its token stream instead, and a corpus of exactly one block trains and
+  evaluates on that block (saying so in one line).
+- `check_corpus(...)` finds what would stop a local corpus before any work (missing,
+  empty, binary or not UTF-8, fewer characters than one block) and says it in one line;
+  `lablib run` calls it before the kernel starts.
 - Tokenized corpora are cached through `datasets` with an explicit fingerprint
   (corpus + tokenizer), so a second run with the same settings reads the cache.
 - `TokenBlocks.batch(index, ...)` is a pure function of (seed, index): the data
@@ -90,6 +96,80 @@ def _stdlib_generator(max_chars, python_version, corpus_version):  # both versio
     yield from stdlib_documents(max_chars)
 
 
+class CorpusError(ValueError):
+    """A corpus that cannot be trained on; the message is one line naming the file and the reason."""
+
+
+def corpus_files(corpus: str) -> list[Path] | None:
+    """The files of a local corpus (None for 'stdlib' and 'hf:' names); FileNotFoundError when it does not exist."""
+    if corpus == "stdlib" or corpus.startswith("hf:"):
+        return None
+    path = Path(corpus).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"corpus {corpus!r}: expected 'stdlib', 'hf:NAME' or an existing file or folder")
+    files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file())
+    if not files:
+        raise CorpusError(f"corpus {corpus!r}: the folder holds no files")
+    return files
+
+
+def check_corpus(corpus: str, seq_len: int | None = None, max_chars: int | None = None) -> dict[str, int] | None:
+    """Check a local corpus without loading it: every file readable, non-empty UTF-8 text; enough for one block.
+
+    Reads each file in chunks (stopping after max_chars characters in all), so huge files
+    and single huge lines cost no more memory than a chunk. The stdlib corpus is counted
+    when cut at max_chars; `hf:` corpora are not checked (None). Returns {"files", "chars"};
+    raises FileNotFoundError / CorpusError (one line).
+    """
+    import codecs
+
+    if corpus == "stdlib" and max_chars is not None and seq_len is not None:  # small prefixes only: cheap to count
+        docs = [len(d["text"]) for d in stdlib_documents(max_chars)]
+        if sum(docs) + len(docs) < seq_len + 1:
+            raise CorpusError(f"corpus 'stdlib' cut at corpus_max_chars={max_chars} holds {sum(docs)} characters, "
+                              f"fewer than one training block of seq_len+1={seq_len + 1} tokens; use a larger "
+                              "corpus_max_chars or a shorter seq_len")
+        return {"files": len(docs), "chars": sum(docs)}
+    files = corpus_files(corpus)
+    if files is None:
+        return None
+    chars = 0
+    for path in files:
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        offset, blank = 0, True
+        try:
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    if (nul := chunk.find(b"\0")) >= 0:
+                        raise CorpusError(f"corpus file {str(path)!r} is binary (a NUL byte at offset "
+                                          f"{offset + nul}); expected UTF-8 text")
+                    try:
+                        text = decoder.decode(chunk)
+                    except UnicodeDecodeError as e:
+                        raise CorpusError(f"corpus file {str(path)!r} is not UTF-8 text (undecodable byte at offset "
+                                          f"{offset + e.start}); expected UTF-8 text") from None
+                    offset += len(chunk)
+                    blank = blank and not text.strip()
+                    chars += len(text)
+                    if max_chars is not None and chars >= max_chars:
+                        break
+                else:
+                    decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise CorpusError(f"corpus file {str(path)!r} ends inside a UTF-8 character; expected UTF-8 text") from None
+        except OSError as e:
+            raise CorpusError(f"corpus file {str(path)!r} cannot be read: {e.strerror or e}") from None
+        if blank:
+            raise CorpusError(f"corpus file {str(path)!r} is empty; expected text to train on")
+        if max_chars is not None and chars >= max_chars:
+            chars = max_chars
+            break
+    if seq_len is not None and chars + len(files) < seq_len + 1:  # char tokens: one per character, <eos> per file
+        raise CorpusError(f"corpus {corpus!r} holds {chars} characters, fewer than one training block of "
+                          f"seq_len+1={seq_len + 1} tokens; use a larger corpus or a shorter seq_len")
+    return {"files": len(files), "chars": chars}
+
+
 def load_corpus(corpus: str = "stdlib", max_chars: int | None = None, cache: Path | None = None):
     """A `datasets.Dataset` with columns "source" and "text", one row per document."""
     import datasets
@@ -107,17 +187,19 @@ def load_corpus(corpus: str = "stdlib", max_chars: int | None = None, cache: Pat
             raise ValueError(f"corpus {corpus!r}: expected a 'text' column, found {ds.column_names}")
         ds = ds.select_columns(["text"]).map(lambda row, i: {"source": f"{name}/{i}"}, with_indices=True)
     else:
+        check_corpus(corpus, max_chars=max_chars)  # one line for a binary or empty file, not a DatasetGenerationError
         path = Path(corpus).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"corpus {corpus!r}: expected 'stdlib', 'hf:NAME' or an existing file or folder")
-        files = sorted(str(p) for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file())
-        if not files:
-            raise ValueError(f"corpus {corpus!r}: the folder holds no files")
+        files = [str(p) for p in corpus_files(corpus)]
         ds = datasets.load_dataset("text", data_files=files, sample_by="document", split="train", cache_dir=cache)
         ds = ds.map(lambda row, i: {"source": f"{path.name}/{i}"}, with_indices=True)
     if max_chars is not None and corpus != "stdlib":
         lengths = np.cumsum([len(t) for t in ds["text"]])
-        ds = ds.select(range(int(np.searchsorted(lengths, max_chars)) + 1 if len(lengths) else 0))
+        # documents up to the one that reaches max_chars (all of them when the corpus is smaller)
+        keep = min(len(ds), int(np.searchsorted(lengths, max_chars)) + 1)
+        ds = ds.select(range(keep))
+        if keep and lengths[keep - 1] > max_chars:  # the last document is cut: at most max_chars in all
+            last, room = keep - 1, max_chars - (int(lengths[keep - 2]) if keep > 1 else 0)
+            ds = ds.map(lambda row, i: {"text": row["text"][:room] if i == last else row["text"]}, with_indices=True)
     return ds
 
 
@@ -300,9 +382,36 @@ def prepare_lm_data(corpus: str, tokenizer: str | Tokenizer, seq_len: int, *, bp
                     max_chars: int | None = None, val_fraction: float = 0.05, seed: int = 0) -> LMData:
     """Corpus -> document split -> tokenizer (trained on the train split unless given) -> packed blocks."""
     ds = load_corpus(corpus, max_chars)
-    train_docs, val_docs = split_documents(ds, val_fraction, seed)
+    if len(ds) == 0:
+        raise CorpusError(f"corpus {corpus!r} holds no documents")
+    if len(ds) >= 2:
+        train_docs, val_docs = split_documents(ds, val_fraction, seed)
+        tok = tokenizer if isinstance(tokenizer, Tokenizer) else train_tokenizer(
+            tokenizer, (t for t in train_docs["text"]), bpe_vocab_size)
+        try:
+            train = TokenBlocks(pack(tokenize_corpus(train_docs, tok), seq_len + 1))
+            val = TokenBlocks(pack(tokenize_corpus(val_docs, tok), seq_len + 1))
+            return LMData(tok, train, val, (len(train_docs), len(val_docs)))
+        except ValueError:  # one side holds less than a block: split the token stream instead
+            pass
+    return _split_blocks(ds, tokenizer, seq_len, bpe_vocab_size, val_fraction)
+
+
+def _split_blocks(ds, tokenizer: str | Tokenizer, seq_len: int, bpe_vocab_size: int, val_fraction: float) -> LMData:
+    """The held-out split of a corpus too small to split by document: the last blocks of its token stream.
+
+    The tokenizer is trained on the whole corpus (there is no training-only text to train
+    it on). With a single block, training and val_loss both use it, and a line says so.
+    """
+    import sys
+
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else train_tokenizer(
-        tokenizer, (t for t in train_docs["text"]), bpe_vocab_size)
-    train = TokenBlocks(pack(tokenize_corpus(train_docs, tok), seq_len + 1))
-    val = TokenBlocks(pack(tokenize_corpus(val_docs, tok), seq_len + 1))
-    return LMData(tok, train, val, (len(train_docs), len(val_docs)))
+        tokenizer, (t for t in ds["text"]), bpe_vocab_size)
+    blocks = pack(tokenize_corpus(ds, tok), seq_len + 1)
+    n = len(blocks)
+    if n == 1:
+        print(f"lablib: the corpus holds one block of {seq_len + 1} tokens: training on it, and val_loss is measured "
+              "on the same text", file=sys.stderr)
+        return LMData(tok, TokenBlocks(blocks), TokenBlocks(blocks), (len(ds), 0))
+    n_val = max(1, int(round(n * val_fraction)))
+    return LMData(tok, TokenBlocks(blocks[: n - n_val]), TokenBlocks(blocks[n - n_val:]), (len(ds), 0))

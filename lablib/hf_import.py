@@ -13,7 +13,7 @@ Notable here:
   exactly (scaled RoPE, attention without biases, an unknown activation) are refused
   with a one-line error instead of converted approximately.
 - `import_run(folder, revisions)` builds a run folder (model.json, tokenizer.json,
-  one checkpoint per revision, params.json, status) that `lablib.analysis` and the
+  one checkpoint per revision, params.json, status) that `lablib.interp.analysis` and the
   widgets open like a trained run. A revision is a sub-folder (`step1000/`, Pythia's
   branch names) or, in a Hugging Face cache folder (`models--EleutherAI--pythia-70m`),
   a name under `refs/`; its step is the number in its name.

@@ -22,6 +22,10 @@ Notable here:
   et al.'s n heads on a shared trunk) and `FutureTokenTransformer` (Walker's
   pseudo-sequence decoder). Each has its own config subclass with its extra knobs.
 - `TabularPFN`: the same transformer over table rows (TabPFN), for in-context classification.
+- `MODELS`, the registry of model classes that a run folder may name: `@register_model`
+  on a class (which declares its `config_class`) adds it. `build_registered(name, config,
+  source)` is the only way a `model.json` becomes a model: a registered name and config
+  values checked against that config class's fields and types, nothing else.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lablib.config import ModelConfig, knob
+from lablib.config import Config, ConfigError, ModelConfig, knob
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
@@ -44,6 +48,63 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
     "silu": F.silu,
 }
+
+
+MODELS: dict[str, type[nn.Module]] = {}  # registered name -> model class; see register_model
+
+
+def register_model(cls: type[nn.Module]) -> type[nn.Module]:
+    """Class decorator: `cls` (with its `config_class`) may be rebuilt from a run folder's model.json."""
+    config_class = cls.__dict__.get("config_class")
+    if not (isinstance(config_class, type) and issubclass(config_class, ModelConfig) and dataclasses.is_dataclass(config_class)):
+        raise TypeError(f"{cls.__name__}: a registered model declares config_class, a ModelConfig dataclass")
+    if MODELS.get(cls.__name__, cls) is not cls:
+        raise TypeError(f"model name {cls.__name__!r} is registered twice ({MODELS[cls.__name__].__module__} and {cls.__module__})")
+    MODELS[cls.__name__] = cls
+    return cls
+
+
+def registered_name(model: nn.Module) -> str | None:
+    """The registry name of model's class, or None when it is not registered."""
+    name = type(model).__name__
+    return name if MODELS.get(name) is type(model) else None
+
+
+def model_config_values(model: nn.Module) -> dict:
+    """The fields of model's declared config class, read from model.cfg (which may be a wider config)."""
+    return {f.name: getattr(model.cfg, f.name) for f in dataclasses.fields(type(model).config_class)}
+
+
+def build_registered(name: object, config: object, source: str = "model.json") -> nn.Module:
+    """Construct registered model `name` from `config` values; anything else is a one-line ConfigError.
+
+    `config` must be a dict whose keys are fields of the class's config_class and whose
+    values fit their types and ranges (`Config.check`). No other code is reached: the
+    name is looked up in MODELS, never imported or walked as an attribute path.
+    """
+    if not isinstance(name, str) or name not in MODELS:
+        shown = repr(name)[:80]
+        raise ConfigError(f"{source}: model {shown} is not a registered lab model class; expected one of "
+                          f"{', '.join(sorted(MODELS))} (a class outside lablib.models registers when its module is imported)")
+    cls = MODELS[name]
+    config_class: type[Config] = cls.config_class
+    if not isinstance(config, dict):
+        raise ConfigError(f"{source}: 'config' must be an object of {config_class.__name__} fields, got {type(config).__name__}")
+    fields = config_class.fields_by_name()
+    values = {}
+    for key, value in config.items():
+        if not isinstance(key, str) or key not in fields:
+            raise ConfigError(f"{source}: {repr(key)[:60]} is not a field of {config_class.__name__}")
+        try:
+            values[key] = config_class.check(key, value)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    try:
+        cfg = config_class(**values)
+        cfg.validate()
+    except (ConfigError, TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cls(cfg)
 
 
 class HookPoint(nn.Module):
@@ -207,7 +268,10 @@ def init_like_transformer(module: nn.Module, n_layer: int) -> None:
             nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
 
 
+@register_model
 class Transformer(nn.Module):
+    config_class = ModelConfig
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         cfg.validate()
@@ -448,6 +512,7 @@ class EncoderDecoderConfig(ModelConfig):
     n_decoder_layer: int | None = knob(None, "decoder blocks; None: n_layer (T5: as deep as the encoder)", min=1)
 
 
+@register_model
 class EncoderDecoder(nn.Module):
     """T5-shaped encoder-decoder built from the same blocks.
 
@@ -456,6 +521,8 @@ class EncoderDecoder(nn.Module):
     a stack of `DecoderBlock`s. Hook names: `encoder.blocks.0.hook_resid_post`,
     `decoder.0.cross.hook_pattern`, ...
     """
+
+    config_class = EncoderDecoderConfig
 
     def __init__(self, cfg: EncoderDecoderConfig):
         super().__init__()
@@ -498,6 +565,7 @@ class MultiTokenConfig(ModelConfig):
     n_future: int = knob(2, "tokens predicted at each position, one head per offset (Gloeckle et al. 2024)", min=1)
 
 
+@register_model
 class MultiTokenTransformer(Transformer):
     """Gloeckle et al.'s multi-token model: a shared trunk of n_layer-1 blocks and n_future one-block heads.
 
@@ -505,6 +573,8 @@ class MultiTokenTransformer(Transformer):
     the next-token `Transformer`; heads 1.. are `future_heads.k`, which predict the
     token k+1 steps further ahead. All heads share the final norm and unembedding.
     """
+
+    config_class = MultiTokenConfig
 
     def __init__(self, cfg: MultiTokenConfig):
         if cfg.n_layer < 2:
@@ -526,6 +596,7 @@ class FutureTokenConfig(ModelConfig):
     ftp_layers: int = knob(1, "blocks of the small future-token decoder", min=1)
 
 
+@register_model
 class FutureTokenTransformer(Transformer):
     """Walker's future-token prediction: the top-layer state at each position is expanded
     linearly into a pseudo-sequence of n_future vectors, and a small decoder cross-attends
@@ -534,6 +605,8 @@ class FutureTokenTransformer(Transformer):
     `forward` and its hooks are the plain `Transformer` (the trunk is the encoder);
     `next_token_logits` is the model's own next-token prediction (decoder slot 0).
     """
+
+    config_class = FutureTokenConfig
 
     def __init__(self, cfg: FutureTokenConfig):
         super().__init__(cfg)
@@ -584,8 +657,11 @@ class TabularPFNConfig(ModelConfig):
         self.vocab_size = self.max_classes + 1
 
 
+@register_model
 class TabularPFN(nn.Module):
     """Rows in, class logits out: (B, N, F) features and (B, N) labels -> (B, N, max_classes)."""
+
+    config_class = TabularPFNConfig
 
     def __init__(self, cfg: TabularPFNConfig):
         super().__init__()

@@ -9,11 +9,15 @@ Notable here:
   starts this very Python, so papermill never hits "No such kernel" or runs in
   another environment; `ensure_kernel(user=True)` puts the same kernel in the user's
   Jupyter data folder, where every JupyterLab of that user finds it.
-- `execute(...)` runs the notebook into its run folder and turns a failed cell into
-  one line: which cell, which exception, what it said. Its kernel draws plotly figures
-  with `HEADLESS_PLOTLY_RENDERER` (unless $PLOTLY_RENDERER says otherwise): the
-  interactive figure for JupyterLab plus an HTML copy that loads plotly.js from its CDN,
-  so the executed notebook shows its figures in nbconvert's HTML and on nbviewer.
+- `execute(...)` runs the notebook into its run folder and turns a failed cell (or a
+  kernel that died) into one line: which cell, which exception, what it said. When the
+  folder already holds an executed notebook, the attempt is written beside it
+  (`notebook.attempt-N.ipynb`) and replaces it only once it has run to the end, so a
+  failed or killed attempt never costs the run its record.
+  Its kernel draws plotly figures with `HEADLESS_PLOTLY_RENDERER` (unless
+  $PLOTLY_RENDERER says otherwise): the interactive figure for JupyterLab plus an HTML
+  copy that loads plotly.js from its CDN, so the executed notebook shows its figures in
+  nbconvert's HTML and on nbviewer.
 """
 
 from __future__ import annotations
@@ -57,9 +61,14 @@ def inspect(path: str | Path) -> NotebookInfo:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"notebook {str(path)!r} not found; expected a path to an .ipynb file")
-    nb = nbformat.read(path, as_version=4)
+    if path.suffix != ".ipynb":
+        raise ConfigError(f"{str(path)!r} is not a notebook; expected a path to an .ipynb file")
+    try:
+        nb = nbformat.read(path, as_version=4)
+    except Exception as e:  # nbformat raises its own JSON and validation errors
+        raise ConfigError(f"notebook {str(path)!r} cannot be read ({type(e).__name__}); expected an .ipynb file") from None
     meta = nb.metadata.get("lablib", {})
-    if "config" not in meta:
+    if not isinstance(meta, dict) or "config" not in meta:
         raise ConfigError(f"notebook {path.name}: expected metadata 'lablib.config' naming its config class")
     module, _, name = meta["config"].partition(":")
     config_cls = getattr(importlib.import_module(module), name)
@@ -124,13 +133,23 @@ class NotebookFailed(RuntimeError):
     """A cell raised; the message is one line saying which cell and why."""
 
 
+def attempt_path(run_dir: Path) -> Path:
+    """Where this execution writes its notebook: notebook.ipynb, or notebook.attempt-N.ipynb beside an earlier one."""
+    if not (run_dir / "notebook.ipynb").exists():
+        return run_dir / "notebook.ipynb"
+    n = 2
+    while (run_dir / f"notebook.attempt-{n}.ipynb").exists():
+        n += 1
+    return run_dir / f"notebook.attempt-{n}.ipynb"
+
+
 def execute(info: NotebookInfo, run_dir: Path, preset: str, cell: dict[str, Any], overrides: dict[str, Any],
             progress: bool = True) -> Path:
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    output = run_dir / "notebook.ipynb"
+    output = attempt_path(run_dir)
     parameters = {"preset": preset, "run_dir": str(run_dir), **cell}
     if overrides:
         parameters["overrides"] = overrides
@@ -143,7 +162,16 @@ def execute(info: NotebookInfo, run_dir: Path, preset: str, cell: dict[str, Any]
         message = str(e.evalue).strip().splitlines()[-1] if str(e.evalue).strip() else ""
         raise NotebookFailed(f"cell {e.exec_count} of {info.path.name} failed: {e.ename}: {message} "
                              f"(executed notebook: {output})") from None
-    return output
+    except (KeyboardInterrupt, ConfigError):
+        raise
+    except Exception as e:  # the kernel died (killed, out of memory) or could not start
+        message = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise NotebookFailed(f"{info.path.name} did not finish: {type(e).__name__}: {message} "
+                             f"(executed notebook: {output})") from None
+    final = run_dir / "notebook.ipynb"
+    if output != final:
+        os.replace(output, final)  # the attempt ran to the end: it is now the run's executed notebook
+    return final
 
 
 @contextlib.contextmanager

@@ -7,7 +7,16 @@ Notable here:
 - `metrics.jsonl` is appended and flushed line by line; `Run.metrics()` reads it
   while it is being written and skips a torn last line.
 - `open_run(path)` gives params, metrics (a pandas DataFrame), checkpoint steps and
-  `load_model(step)` -> (model, tokenizer).
+  `load_model(step)` -> (model, tokenizer), from the newest checkpoint whose files match
+  their checksums unless a step is asked for.
+- A run folder is data, never code: model.json names a class of the model registry
+  (`lablib.models.MODELS`) and its config values, which are checked against that class's
+  config fields before anything is built. Folders written before the registry name the
+  class as `module:Class`; `LEGACY_MODEL_CLASSES` maps those names, and only the model
+  config's fields are read from their (wider, experiment) config.
+- A finished run is never downgraded: reopening a `done` run for another attempt keeps
+  its params.json and status (the attempt is recorded beside them) until the attempt
+  itself finishes.
 - The runs root is $LABLIB_RUNS, else `runs/` at the project root (the folder with
   pyproject.toml above the working directory), else `./runs`.
 """
@@ -15,8 +24,8 @@ Notable here:
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 import json
+import math
 import os
 import secrets
 from pathlib import Path
@@ -24,10 +33,27 @@ from typing import Any
 
 import torch
 
-from lablib.checkpoints import atomic_write_json, atomic_write_text, list_checkpoints, load_checkpoint
+from lablib.checkpoints import list_checkpoints, load_checkpoint, newest_loadable
+from lablib.io import atomic_write_json, atomic_write_text, read_json_object
 from lablib.provenance import provenance
 
-MODEL_MODULES = ("lablib.",)  # model classes are only ever imported from the lab's own code
+MODEL_JSON_MAX_BYTES = 1 << 20  # a model.json is a class name and a few dozen numbers
+# model.json of folders written before the registry: `module:qualname` -> registered name
+LEGACY_MODEL_CLASSES = {
+    "lablib.models:Transformer": "Transformer",
+    "lablib.models:EncoderDecoder": "EncoderDecoder",
+    "lablib.models:MultiTokenTransformer": "MultiTokenTransformer",
+    "lablib.models:FutureTokenTransformer": "FutureTokenTransformer",
+    "lablib.tabular:TabularPFN": "TabularPFN",
+}
+# config classes those folders named (model configs, or the experiment config the model was built from)
+LEGACY_CONFIG_CLASSES = frozenset({
+    "lablib.config:ModelConfig", "lablib.models:EncoderDecoderConfig", "lablib.models:MultiTokenConfig",
+    "lablib.models:FutureTokenConfig", "lablib.tabular:TabularPFNConfig", "lablib.tabular:TabularICLConfig",
+    "lablib.lm:LMConfig", "lablib.knowledge:KnowledgeConfig", "lablib.downstream:ObjectivesRunConfig",
+    "lablib.tasks.facts:ReversalConfig", "lablib.tasks.causal_axioms:CausalAxiomsConfig",
+    "lablib.tasks.causal_axioms:CausalAxiomsStudyConfig",
+})
 
 
 def project_root(start: Path | None = None) -> Path | None:
@@ -69,16 +95,18 @@ class MetricsLog:
         if not self.path.is_file():
             return []
         out = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:  # a line still being written
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):  # a line still being written, or garbage
                 continue
+            if isinstance(row, dict):  # anything but an object is not a metrics row
+                out.append(row)
         return out
 
     def truncate_after(self, step: int) -> None:
         """Drop rows logged after `step` (used when resuming from that step's checkpoint)."""
-        keep = [r for r in self.rows() if r.get("step", 0) <= step]
+        keep = [r for r in self.rows() if not isinstance(r.get("step", 0), (int, float)) or r.get("step", 0) <= step]
         atomic_write_text(self.path, "".join(json.dumps(r, default=float) + "\n" for r in keep))
 
 
@@ -103,8 +131,11 @@ class Run:
         return self.params.get("experiment") or self.path.parent.name
 
     def _json(self, name: str) -> dict[str, Any]:
-        p = self.path / name
-        return json.loads(p.read_text()) if p.is_file() else {}
+        """A JSON object file of the folder ({} when absent); unreadable or malformed: a one-line ValueError."""
+        try:
+            return read_json_object(self.path / name)
+        except FileNotFoundError:
+            return {}
 
     @property
     def params(self) -> dict[str, Any]:
@@ -141,6 +172,8 @@ class Run:
 
     def set_status(self, status: str, **extra: Any) -> None:
         data = {**self.status, "status": status, "updated": now(), **extra}
+        if status != "done" or "attempt" not in extra:
+            data.pop("attempt", None)  # an attempt at a finished run ends with its results (or its failure)
         atomic_write_json(self.path / "status.json", data)
 
     def write_results(self, results: dict[str, Any]) -> Path:
@@ -157,24 +190,90 @@ class Run:
         return status.get("status", "?")
 
     def save_model_spec(self, model: torch.nn.Module) -> None:
-        """Record how to rebuild the model (class and config) in model.json."""
-        import dataclasses
-
+        """Record how to rebuild the model in model.json: its registry name and config values."""
         from lablib.checkpoints import unwrap
+        from lablib.models import model_config_values, registered_name
 
         model = unwrap(model)
-        cls = type(model)
-        spec = {"class": f"{cls.__module__}:{cls.__qualname__}", "config_class":
-                f"{type(model.cfg).__module__}:{type(model.cfg).__qualname__}",
-                "config": dataclasses.asdict(model.cfg)}
-        atomic_write_json(self.path / "model.json", spec)
+        name = registered_name(model)
+        if name is None:  # a model class of the user's own: the folder keeps its weights, not a rebuild recipe
+            return
+        atomic_write_json(self.path / "model.json", {"model": name, "config": model_config_values(model)})
 
     def build_model(self) -> torch.nn.Module:
-        spec = self._json("model.json")
-        if not spec:
+        """The model model.json describes (fresh weights); anything but a registered class and valid config is refused."""
+        from lablib.config import ConfigError
+        from lablib.models import build_registered
+
+        path = self.path / "model.json"
+        if not path.is_file():
             raise FileNotFoundError(f"{self.path} has no model.json; was a model trained in this run?")
-        cls, cfg_cls = (_import_lab_object(spec[k]) for k in ("class", "config_class"))
-        return cls(cfg_cls(**spec["config"]))
+        if path.stat().st_size > MODEL_JSON_MAX_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size} bytes; a model.json holds a class name and its config")
+        try:
+            spec = read_json_object(path, "model.json")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if "model" in spec:
+            name, config = spec["model"], spec.get("config")
+        elif "class" in spec:  # written before the registry
+            name = LEGACY_MODEL_CLASSES.get(spec["class"]) if isinstance(spec["class"], str) else None
+            if name is None:
+                raise ConfigError(f"{path}: class {repr(spec['class'])[:80]} is not a lab model class; expected one "
+                                  f"of {', '.join(LEGACY_MODEL_CLASSES)}")
+            if spec.get("config_class") not in LEGACY_CONFIG_CLASSES:
+                raise ConfigError(f"{path}: config_class {repr(spec.get('config_class'))[:80]} is not a lab config class")
+            config = spec.get("config")
+            if isinstance(config, dict):  # an experiment config: only the model's own fields build the model
+                from lablib.models import MODELS
+
+                cls = MODELS.get(name)
+                fields = cls.config_class.fields_by_name() if cls is not None else {}
+                config = {k: v for k, v in config.items() if k in fields}
+        else:
+            raise ConfigError(f"{path}: expected a 'model' naming a registered lab model class")
+        return build_registered(name, config, str(path))
+
+    def load_model(self, step: int | None = None, device: str = "cpu"):
+        """(model, tokenizer) at checkpoint `step` (default: the newest intact one), in eval mode."""
+        if not self.checkpoints():
+            raise FileNotFoundError(f"{self.path} has no checkpoints yet")
+        if step is None:
+            step = newest_loadable(self.path)
+        self._check_against_weights(step)
+        model = self.build_model().to(device)
+        load_checkpoint(self.path, step, model, device=device)
+        return model.eval(), self.tokenizer()
+
+    def _check_against_weights(self, step: int) -> None:
+        """Refuse (one line) a model.json whose model would not fit the checkpoint's tensors.
+
+        The model is first built on the meta device (no memory) and its shapes compared with
+        the safetensors header, so a config edited to other sizes neither allocates a huge
+        model nor ends in load_state_dict's many-line error.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        from lablib.checkpoints import step_dir_name
+        from lablib.config import ConfigError
+
+        path = self.path / "checkpoints" / step_dir_name(step) / "model.safetensors"
+        try:
+            with safe_open(str(path), "pt") as f:
+                stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        except (SafetensorError, OSError):
+            return  # load_checkpoint reports an unreadable file
+        with torch.device("meta"):
+            skeleton = self.build_model()
+        shapes = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+        for name, shape in stored.items():
+            if shapes.get(name) != shape:
+                got = "absent" if name not in shapes else str(shapes[name])
+                raise ConfigError(f"{self.path / 'model.json'}: its config does not fit the weights of step {step} "
+                                  f"({name}: {shape} in the checkpoint, {got} from model.json)")
+        if sum(p.numel() for p in skeleton.parameters()) > sum(math.prod(s) for s in stored.values()):
+            raise ConfigError(f"{self.path / 'model.json'}: its config describes a larger model than the weights "
+                              f"of step {step}")
 
     def tokenizer(self):
         from lablib.data import Tokenizer
@@ -188,26 +287,6 @@ class Run:
             return load_gpt2_tokenizer(self.path)
         return Tokenizer.load(p)
 
-    def load_model(self, step: int | None = None, device: str = "cpu"):
-        """(model, tokenizer) at checkpoint `step` (default: the latest), in eval mode."""
-        steps = self.checkpoints()
-        if not steps:
-            raise FileNotFoundError(f"{self.path} has no checkpoints yet")
-        step = steps[-1] if step is None else step
-        model = self.build_model().to(device)
-        load_checkpoint(self.path, step, model, device=device)
-        return model.eval(), self.tokenizer()
-
-
-def _import_lab_object(path: str):
-    module, _, name = path.partition(":")
-    if not module.startswith(MODEL_MODULES):
-        raise ValueError(f"refusing to import {path!r}: models are rebuilt only from lablib modules")
-    obj = importlib.import_module(module)
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
-
 
 def open_run(path: str | Path) -> Run:
     return Run(path)
@@ -218,6 +297,9 @@ def create_run(experiment: str, params: dict[str, Any], run_dir: str | Path | No
     path = Path(run_dir) if run_dir else runs_root() / experiment / new_run_id()
     path.mkdir(parents=True, exist_ok=True)
     run = Run(path)
+    if run.status.get("status") == "done":  # another attempt at a finished run: its record stays until it finishes
+        run.set_status("done", attempt={"pid": os.getpid(), "started": now()})
+        return run
     atomic_write_json(path / "params.json", {"experiment": experiment, **params, "provenance": provenance()})
     run.set_status("running", started=run.status.get("started") or now(), pid=os.getpid())
     return run
@@ -239,13 +321,19 @@ def start_run(experiment: str, cfg, run_dir: str | Path | None = None, **extra: 
         extra = {"hardware": policy_record(resolve_hardware(cfg.project(TrainConfig))), **extra}
     params = {**cfg.to_dict(), **extra}
     if run_dir is not None and (Path(run_dir) / "params.json").is_file():
-        before = json.loads((Path(run_dir) / "params.json").read_text())
-        changed = {k: (before.get(k), v) for k, v in cfg.to_dict().items() if k in before and before[k] != v}
-        if changed:
-            diff = ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in sorted(changed.items()))
+        if diff := parameter_changes(Run(run_dir).params, cfg):
             raise ConfigError(f"run folder {run_dir} was made with other parameters: {diff}; "
                               "resume with the same parameters or start a new run")
     return create_run(experiment, json.loads(json.dumps(params, default=str)), run_dir)
+
+
+def parameter_changes(before: dict[str, Any], cfg) -> str | None:
+    """'steps=30 (now 31), ...' for the config values that differ from a run's params.json; None when none do."""
+    now_values = json.loads(json.dumps(cfg.to_dict(), default=str))
+    changed = {k: (before.get(k), v) for k, v in now_values.items() if k in before and before[k] != v}
+    if not changed:
+        return None
+    return ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in sorted(changed.items()))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -290,14 +378,24 @@ def runs_table(experiment: str | None = None, root: Path | None = None):
     import pandas as pd
 
     runs = list_runs(experiment, root)
-    params = {run.path: {k: v for k, v in run.params.items() if _scalar(v)} for run in runs}
+    params, unreadable = {}, {}
+    for run in runs:
+        try:
+            run.results, run.state()
+            params[run.path] = {k: v for k, v in run.params.items() if _scalar(v)}
+        except (OSError, ValueError) as e:
+            unreadable[run.path] = str(e)
     varying: dict[str, set[str]] = {}
-    for experiment in {run.experiment for run in runs}:
-        same = [params[r.path] for r in runs if r.experiment == experiment]
+    for experiment in {run.experiment for run in runs if run.path in params}:
+        same = [params[r.path] for r in runs if r.experiment == experiment and r.path in params]
         names = set().union(*same) - {"experiment", "preset", "run_dir"}
         varying[experiment] = {k for k in names if len({json.dumps(p.get(k)) for p in same}) > 1}
     rows = []
     for run in runs:
+        if run.path not in params:  # a damaged folder is listed as such, not a traceback
+            rows.append({"experiment": run.path.parent.name, "run": str(run.path.relative_to(run.path.parents[1])),
+                         "status": "unreadable", "error": unreadable[run.path]})
+            continue
         p, results = params[run.path], run.results
         row = {"experiment": run.experiment, "run": str(run.path.relative_to(run.path.parents[1])),
                "status": run.state(), "preset": p.get("preset"), "checkpoints": len(run.checkpoints())}

@@ -12,8 +12,11 @@ Notable here:
 - Reproducible by construction: the data order, dropout and the objective's masks
   are pure functions of (seed, step), so a run resumed from a checkpoint continues
   with exactly the losses the uninterrupted run would have had (on CPU).
-- A NaN or inf loss stops the run with `TrainingDiverged`, naming the step and the
-  last good checkpoint (which is kept).
+- A NaN or inf loss, or weights that stopped being finite at a checkpoint step, stop
+  the run with `TrainingDiverged`, naming the step and the newest checkpoint whose
+  weights are all finite (non-finite weights are never saved).
+- Resuming starts from the newest checkpoint that is intact and holds optimizer state
+  (`checkpoints.newest_loadable`), saying in one line when it skipped a newer one.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from lablib.checkpoints import checkpoint_schedule, list_checkpoints, load_checkpoint, save_checkpoint, unwrap
+from lablib.checkpoints import (checkpoint_schedule, load_checkpoint, newest_loadable, nonfinite_tensors,
+                                save_checkpoint, unwrap)
 from lablib.config import ConfigError, TrainConfig
 from lablib.loggers import close, make_loggers, send
 from lablib.objectives import Objective
@@ -263,12 +267,11 @@ def train(model: torch.nn.Module, objective: Objective, data: BatchSource, cfg: 
     schedule = set(checkpoint_schedule(cfg.steps, cfg.checkpoint_every))
 
     start, resumed_from = 0, None
-    if run is not None and resume and list_checkpoints(run.path):
-        resumed_from = list_checkpoints(run.path)[-1]
+    if run is not None and resume and (resumed_from := newest_loadable(run.path, need_optimizer=True)) is not None:
         state = load_checkpoint(run.path, resumed_from, model, optimizer, device=policy.device)
         start = state["step"]
-        if main:
-            run.log.truncate_after(start)
+    if run is not None and main and (resumed_from is not None or run.log.path.exists()):
+        run.log.truncate_after(start if resumed_from is not None else -1)  # rows past the checkpoint resumed from
     if run is not None and main:
         run.save_model_spec(model)
 
@@ -309,6 +312,14 @@ def train(model: torch.nn.Module, objective: Objective, data: BatchSource, cfg: 
     obj_metrics: dict[str, Any] = {}
     final: dict[str, Any] = {}
     net.train()
+
+    def diverged(what: str) -> TrainingDiverged:  # last_good: only checkpoints whose weights were checked finite
+        where = (f"the newest checkpoint with finite weights is step {last_good} in {run.path / 'checkpoints'}"
+                 if run is not None and last_good is not None else "no checkpoint was saved before it")
+        bar.close()
+        return TrainingDiverged(f"{what} at step {step + 1}; {where}. "
+                                "Lower learning_rate, raise warmup_steps or check the data.")
+
     for step in range(start, cfg.steps):
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
@@ -330,11 +341,7 @@ def train(model: torch.nn.Module, objective: Objective, data: BatchSource, cfg: 
             step_loss = dist.mean(step_loss)
         loss_value = float(step_loss)
         if not math.isfinite(loss_value):
-            where = (f"the last good checkpoint is step {last_good} in {run.path / 'checkpoints'}"
-                     if run is not None and last_good is not None else "no checkpoint was saved before it")
-            bar.close()
-            raise TrainingDiverged(f"loss became {loss_value} at step {step + 1}; {where}. "
-                                   "Lower learning_rate, raise warmup_steps or check the data.")
+            raise diverged(f"loss became {loss_value}")
         if scaler:
             scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -366,13 +373,15 @@ def train(model: torch.nn.Module, objective: Objective, data: BatchSource, cfg: 
             log(row)
             final.update(row)
         if run is not None and done in schedule:
+            if bad := nonfinite_tensors(model, optimizer):
+                raise diverged(f"{len(bad)} weight or optimizer tensor(s) became NaN or inf (e.g. {bad[0]})")
             if main:
                 save_checkpoint(run.path, done, model, optimizer,
                                 {"tokens": done * tokens_per_step, "seed": cfg.seed,
                                  "data_position": {"micro_batches": done * accum * world, "batch_size": micro_size},
                                  "rng": "lablib.seeding streams: dropout (seed, step, rank), "
                                         "masks (seed, micro-batch index)"},
-                                keep_last=cfg.keep_last)
+                                keep_last=cfg.keep_last, keep_optimizer=cfg.keep_optimizer)
             if dist is not None:
                 dist.barrier()
             last_good = done

@@ -74,3 +74,38 @@ def test_no_pickle_anywhere_in_a_checkpoint(tmp_path):
     for f in (tmp_path / "checkpoints" / "step-000001").iterdir():
         assert f.suffix in (".safetensors", ".json")
         assert not f.read_bytes().startswith(b"\x80")  # pickle protocol header
+
+
+def test_state_json_vouches_for_every_file_with_its_size_and_sha256(tmp_path):
+    import hashlib
+
+    from lablib.checkpoints import CheckpointError, newest_loadable, verify_checkpoint
+
+    model = tiny()
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, model, torch.optim.AdamW(model.parameters()), keep_optimizer=None)
+    folder = tmp_path / "checkpoints" / "step-000002"
+    files = json.loads((folder / "state.json").read_text())["files"]
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        data = (folder / name).read_bytes()
+        assert files[name] == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    assert list_checkpoints(tmp_path) == [1, 2]  # listing checks sizes only
+    with pytest.raises(CheckpointError, match="does not match its sha256"):
+        verify_checkpoint(folder)
+    assert newest_loadable(tmp_path, notice=False) == 1
+    with pytest.raises(CheckpointError, match="checkpoint step 2 .* unusable"):
+        load_checkpoint(tmp_path, 2, tiny())
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    from lablib.checkpoints import NonFiniteWeights
+
+    model = tiny()
+    with torch.no_grad():
+        model.embed.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteWeights, match=r"refusing to save step 3: .* hold NaN or inf, e.g. embed.weight"):
+        save_checkpoint(tmp_path, 3, model)
+    assert not (tmp_path / "checkpoints").exists()  # nothing was written

@@ -49,13 +49,30 @@ def test_run_leaves_a_complete_run_folder(isolated_runs):
     assert run.id in listing.stdout and "done" in listing.stdout
 
 
-def test_a_failing_cell_is_reported_in_one_line(isolated_runs):
+def test_a_missing_corpus_is_refused_before_the_kernel_starts(isolated_runs):
     proc = lablib("run", QUICKSTART, "--preset", "smoke", "--quiet", "-p", "corpus", "/nonexistent/corpus")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("lablib: error: corpus '/nonexistent/corpus': expected 'stdlib', 'hf:NAME' or an "
+                                   "existing file or folder")
+    assert not isolated_runs.exists()
+
+
+def test_a_failing_cell_is_reported_in_one_line_and_a_divergence_names_a_finite_checkpoint(isolated_runs):
+    import re
+
+    import torch
+    from safetensors.torch import load_file
+
+    proc = lablib("run", QUICKSTART, "--preset", "smoke", "--quiet", "-p", "learning_rate", "1e6")
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("lablib: cell ") and "FileNotFoundError" in last and "/nonexistent/corpus" in last
+    assert last.startswith("lablib: cell ") and "TrainingDiverged" in last
+    step = int(re.search(r"the newest checkpoint with finite weights is step (\d+)", last).group(1))
     run_dir = next((isolated_runs / "quickstart").iterdir())
     assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
+    assert open_run(run_dir).checkpoints()[-1] == step  # nothing after it was saved
+    weights = load_file(str(run_dir / "checkpoints" / f"step-{step:06d}" / "model.safetensors"))
+    assert all(bool(torch.isfinite(t).all()) for t in weights.values())
 
 
 def test_sigkill_during_training_then_resume_matches_the_uninterrupted_run(isolated_runs):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lablib.data import (SPECIAL_TOKENS, TokenBlocks, Tokenizer, bpe_tokenizer, char_tokenizer, load_corpus, pack,
+from lablib.data import (SPECIAL_TOKENS, CorpusError, TokenBlocks, check_corpus, Tokenizer, bpe_tokenizer, char_tokenizer, load_corpus, pack,
                          prepare_lm_data, split_documents, stdlib_documents, tokenize_corpus)
 
 TEXT = "def f(x):\n    return x + 1\n\nclass A:\n    pass\n"
@@ -92,3 +92,44 @@ def test_datasets_names_load_through_the_hub_code_path_from_a_local_dataset(tmp_
             f.write(json.dumps({"text": f"row {i} " * 10, "label": i}) + "\n")
     ds = load_corpus(f"hf:{folder}")  # the same call a hub name takes: datasets.load_dataset(NAME)
     assert ds.column_names == ["text", "source"] and len(ds) == 4
+
+
+def test_a_local_corpus_smaller_than_corpus_max_chars_trains(tmp_path):
+    (tmp_path / "one.txt").write_text("def f(x):\n    return x\n" * 2500)  # one 60 KB document
+    data = prepare_lm_data(str(tmp_path / "one.txt"), "char", seq_len=64, max_chars=200_000)
+    assert len(data.train) + len(data.val) > 800  # the one document's blocks, split by blocks
+    assert len(data.val) == round((len(data.train) + len(data.val)) * 0.05)
+
+
+def test_a_corpus_of_exactly_one_block_trains_and_says_val_is_the_same_text(tmp_path, capsys):
+    (tmp_path / "tiny.txt").write_text("x" * 16)  # 16 characters + <eos> = one block of seq_len 16
+    data = prepare_lm_data(str(tmp_path / "tiny.txt"), "char", seq_len=16)
+    assert len(data.train) == len(data.val) == 1
+    assert "val_loss is measured on the same text" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"),
+    (b"  \n\n", "is empty"),
+    (b"\x7fELF\x02\x01\x00\x00binary", "is binary (a NUL byte at offset 6)"),
+    (b"caf\xe9 latin-1", "is not UTF-8 text (undecodable byte at offset 3)"),
+])
+def test_corpora_that_cannot_train_are_refused_in_one_line(tmp_path, content, message):
+    (tmp_path / "c.txt").write_bytes(content)
+    with pytest.raises(CorpusError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
+        check_corpus(str(tmp_path / "c.txt"), seq_len=8)
+    assert "\n" not in str(e.value)
+    with pytest.raises(CorpusError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_corpus(str(tmp_path / "c.txt"))
+
+
+def test_a_corpus_shorter_than_one_block_is_refused_before_loading(tmp_path):
+    (tmp_path / "c.txt").write_text("short")
+    with pytest.raises(CorpusError, match=r"holds 5 characters, fewer than one training block of seq_len\+1=65"):
+        check_corpus(str(tmp_path / "c.txt"), seq_len=64)
+
+
+def test_a_stdlib_prefix_shorter_than_one_block_is_refused():
+    assert check_corpus("stdlib", seq_len=64, max_chars=10_000)["chars"] >= 10_000
+    with pytest.raises(CorpusError, match="corpus 'stdlib' cut at corpus_max_chars=10 holds"):
+        check_corpus("stdlib", seq_len=1_000_000, max_chars=10)

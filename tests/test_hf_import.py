@@ -15,7 +15,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from lablib.analysis import CheckpointModel  # noqa: E402
+from lablib.interp.analysis import CheckpointModel  # noqa: E402
 from lablib.config import ConfigError  # noqa: E402
 from lablib.hf_import import from_neox, import_run, load_neox, qkv_to_lab, revision_folders  # noqa: E402
 from lablib.runs import open_run  # noqa: E402

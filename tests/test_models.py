@@ -163,3 +163,23 @@ def test_out_of_range_positions_are_refused():
         model(x, positions=torch.arange(10) + 10)
     with pytest.raises(ValueError, match="positions"):
         model(x, positions=torch.arange(9))
+
+
+def test_the_registry_builds_only_registered_classes_from_checked_config_values():
+    from lablib.config import ConfigError
+    from lablib.models import MODELS, MultiTokenConfig, build_registered, register_model
+
+    assert {"Transformer", "EncoderDecoder", "MultiTokenTransformer", "FutureTokenTransformer"} <= set(MODELS)
+    model = build_registered("MultiTokenTransformer", {"vocab_size": 11, "n_layer": 2, "n_head": 1, "d_model": 8,
+                                                       "max_seq_len": 4, "n_future": 3})
+    assert isinstance(model.cfg, MultiTokenConfig) and len(model.future_heads) == 2
+    for name, config, message in [
+        ("HookPoint", {}, "'HookPoint' is not a registered lab model class"),
+        ("Transformer", {"n_future": 2}, "'n_future' is not a field of ModelConfig"),
+        ("Transformer", {"n_layer": True}, "parameter 'n_layer': expected an integer, got True"),
+        ("Transformer", {"d_model": 10, "n_head": 4}, "expected a multiple of n_head=4"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            build_registered(name, config, "m.json")
+    with pytest.raises(TypeError, match="declares config_class"):
+        register_model(type("Loose", (torch.nn.Module,), {}))

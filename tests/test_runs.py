@@ -47,11 +47,42 @@ def test_open_run_gives_params_metrics_checkpoints_and_the_model(tmp_path):
     assert again.state() == "running"
 
 
-def test_model_classes_are_only_rebuilt_from_lablib(tmp_path):
+def test_model_classes_come_only_from_the_registry(tmp_path):
     run = create_run("demo", {}, tmp_path / "r")
     (run.path / "model.json").write_text(json.dumps({"class": "os:system", "config_class": "os:getcwd", "config": {}}))
-    with pytest.raises(ValueError, match="refusing to import 'os:system'"):
+    with pytest.raises(ConfigError, match=r"model.json: class 'os:system' is not a lab model class"):
         run.build_model()
+    (run.path / "model.json").write_text(json.dumps({"model": "Transformer", "config": {"n_layr": 2}}))
+    with pytest.raises(ConfigError, match=r"model.json: 'n_layr' is not a field of ModelConfig"):
+        run.build_model()
+
+
+def test_model_json_names_the_registered_class_and_its_config_fields(tmp_path):
+    run = create_run("demo", {}, tmp_path / "r")
+    run.save_model_spec(Transformer(ModelConfig(vocab_size=10, n_layer=1, n_head=1, d_model=8, max_seq_len=4)))
+    spec = json.loads((run.path / "model.json").read_text())
+    assert spec["model"] == "Transformer" and set(spec["config"]) == set(ModelConfig.fields_by_name())
+    assert run.build_model().cfg == ModelConfig(vocab_size=10, n_layer=1, n_head=1, d_model=8, max_seq_len=4)
+
+
+def test_a_run_folder_in_the_format_before_the_registry_still_loads(tmp_path):
+    """model.json as the lab wrote it before: `module:Class` names and a whole experiment config."""
+    from safetensors.torch import save_model
+
+    cfg = LMConfig.resolve("smoke", vocab_size=12)
+    torch.manual_seed(0)
+    model = Transformer(cfg.project(ModelConfig))
+    run = create_run("quickstart", cfg.to_dict(), tmp_path / "old")
+    (run.path / "model.json").write_text(json.dumps(
+        {"class": "lablib.models:Transformer", "config_class": "lablib.lm:LMConfig", "config": cfg.to_dict()}, indent=2))
+    folder = run.path / "checkpoints" / "step-000030"
+    folder.mkdir(parents=True)
+    save_model(model, str(folder / "model.safetensors"))
+    (folder / "state.json").write_text(json.dumps({"step": 30, "tokens": 100}))  # no checksums then
+    loaded, _ = open_run(run.path).load_model()
+    x = torch.randint(0, 12, (1, 8))
+    assert open_run(run.path).checkpoints() == [30]
+    assert torch.equal(loaded(x), model.eval()(x))
 
 
 def test_results_mark_the_run_done_and_tables_list_runs(tmp_path):

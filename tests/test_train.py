@@ -111,6 +111,52 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     def count(step, model):
         objective.step = step
 
-    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 7; the last good checkpoint is step 4"):
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 7; the newest checkpoint with finite weights is step 4"):
         train(tiny(), objective, BLOCKS, cfg(), run, progress=False, callbacks=[(1, count)])
     assert run.checkpoints() == [1, 2, 4]
+
+
+def test_weights_that_stop_being_finite_are_never_saved_and_the_message_names_the_newest_finite_one(tmp_path):
+    run = create_run("t", {}, tmp_path / "run")
+
+    def poison(step, model):  # the loss of step 8 was still finite: only the weights after its update are not
+        if step == 8:
+            with torch.no_grad():
+                model.blocks[0].mlp.c_fc.weight[0, 0] = math.inf
+
+    with pytest.raises(TrainingDiverged, match=r"became NaN or inf \(e.g. blocks.0.mlp.c_fc.weight\) at step 8; "
+                                               r"the newest checkpoint with finite weights is step 4"):
+        train(tiny(), CausalLM(), BLOCKS, cfg(), run, progress=False, callbacks=[(1, poison)])
+    assert run.checkpoints() == [1, 2, 4]
+
+
+def test_optimizer_state_is_kept_only_in_the_newest_checkpoints(tmp_path):
+    run = create_run("t", {}, tmp_path / "run")
+    train(tiny(), CausalLM(), BLOCKS, cfg(), run, progress=False)
+    with_optimizer = [s for s in run.checkpoints() if (run.path / f"checkpoints/step-{s:06d}/optimizer.safetensors").is_file()]
+    assert run.checkpoints() == [1, 2, 4, 8, 12] and with_optimizer == [12]
+    every = create_run("t", {}, tmp_path / "every")
+    train(tiny(), CausalLM(), BLOCKS, cfg(keep_optimizer=None), every, progress=False)
+    assert all((every.path / f"checkpoints/step-{s:06d}/optimizer.safetensors").is_file() for s in every.checkpoints())
+
+
+def test_a_run_folder_written_before_checksums_and_the_registry_still_resumes(tmp_path):
+    import json
+
+    full = create_run("t", {}, tmp_path / "full")
+    train(tiny(), CausalLM(), BLOCKS, cfg(), full, progress=False)
+    old = create_run("t", {}, tmp_path / "old")
+    with pytest.raises(KeyboardInterrupt):  # a crash after step 9, past the step-8 checkpoint
+        train(tiny(), CausalLM(), BLOCKS, cfg(keep_optimizer=None), old, progress=False, callbacks=[(1, _crash_after(9))])
+    for state in (old.path / "checkpoints").glob("step-*/state.json"):  # the format of earlier versions
+        data = json.loads(state.read_text())
+        data.pop("files")
+        state.write_text(json.dumps(data))
+    spec = json.loads((old.path / "model.json").read_text())
+    (old.path / "model.json").write_text(json.dumps({"class": "lablib.models:Transformer",
+                                                     "config_class": "lablib.config:ModelConfig", "config": spec["config"]}))
+    (old.path / "checkpoints" / "step-000008" / "model.safetensors").write_bytes(b"\x10\x00")  # torn, undetectable by size
+    result = train(tiny(seed=7), CausalLM(), BLOCKS, cfg(), old, progress=False)
+    assert result.resumed_from == 4
+    assert losses(old) == losses(full)
+    old.load_model()

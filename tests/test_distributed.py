@@ -71,12 +71,12 @@ def train_interrupt_resume(dist, run_dir: str) -> dict:
     run still goes through everything a fresh job would (every rank loads step 4,
     rank 0 truncates the metrics and rewrites steps 5..8).
     """
-    train_tiny(dist, run_dir)
+    train_tiny(dist, run_dir, keep_optimizer=2)  # step 4 keeps its optimizer state to resume from
     first = losses(Path(run_dir)) if dist.is_main else None
     if dist.is_main:
         (Path(run_dir) / "checkpoints" / "step-000008" / "state.json").unlink()
     dist.barrier()
-    resumed = train_tiny(dist, run_dir)
+    resumed = train_tiny(dist, run_dir, keep_optimizer=2)
     return {"first": list(first.items()) if first else None, "resumed_from": resumed["resumed_from"]}
 
 

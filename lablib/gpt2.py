@@ -159,12 +159,16 @@ def load_gpt2(folder: str | Path) -> Transformer:
     """
     from transformers import GPT2LMHeadModel
 
+    return from_gpt2(load_local_hf(GPT2LMHeadModel, folder, "GPT-2"))
+
+
+def load_local_hf(model_class, folder: str | Path, family: str):
+    """A `transformers` model of `model_class` from a save_pretrained folder on disk, in float32 (never downloads)."""
     path = Path(folder).expanduser()
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"GPT-2 checkpoint {str(folder)!r}: expected a folder holding config.json "
+        raise FileNotFoundError(f"{family} checkpoint {str(folder)!r}: expected a folder holding config.json "
                                 "(the output of save_pretrained); nothing is downloaded")
-    hf_model = GPT2LMHeadModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
-    return from_gpt2(hf_model)
+    return model_class.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
 
 
 class GPT2Tokenizer:

@@ -32,6 +32,7 @@ import torch
 
 from lablib.config import ConfigError, ModelConfig
 from lablib.gpt2 import ACTIVATION_FROM_GPT2 as ACTIVATION_FROM_HF  # the same transformers activation names
+from lablib.gpt2 import load_local_hf
 from lablib.models import Transformer
 
 # (lab name, GPTNeoXForCausalLM name, conversion) ; "{i}" stands for the block index.
@@ -132,12 +133,7 @@ def load_neox(folder: str | Path) -> Transformer:
     """A lab Transformer from a GPT-NeoX / Pythia checkpoint folder on disk (never downloads)."""
     from transformers import GPTNeoXForCausalLM
 
-    path = Path(folder).expanduser()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"GPT-NeoX checkpoint {str(folder)!r}: expected a folder holding config.json "
-                                "(the output of save_pretrained); nothing is downloaded")
-    hf_model = GPTNeoXForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
-    return from_neox(hf_model)
+    return from_neox(load_local_hf(GPTNeoXForCausalLM, folder, "GPT-NeoX"))
 
 
 def revision_folders(folder: str | Path, revisions: list[str] | None = None) -> dict[str, Path]:

@@ -1,7 +1,7 @@
 """The run folder: one per execution, holding everything needed to inspect, compare or resume it.
 
 Notable here:
-- Layout (DESIGN.md): params.json, notebook.ipynb, metrics.jsonl, tokenizer.json,
+- Layout (the README's "The run folder"): params.json, notebook.ipynb, metrics.jsonl, tokenizer.json,
   model.json (how to rebuild the model), checkpoints/, results.json, figures/, and
   status.json (running / done / failed, with the error).
 - `metrics.jsonl` is appended and flushed line by line; `Run.metrics()` reads it

@@ -2,7 +2,6 @@
 
 import itertools
 
-import networkx as nx
 import numpy as np
 import pytest
 import torch
@@ -77,7 +76,8 @@ def test_splits_are_disjoint_by_class_and_cover_every_split():
         classes = task.equivalence_classes(n)
         split = {name: set(task.class_indices(classes, name)) for name in task.SPLIT_FRACTIONS}
         assert sum(map(len, split.values())) == len(classes)
-        assert not (split["train"] & split["test"]) and not (split["train"] & split["dev"]) and not (split["dev"] & split["test"])
+        for a, b in itertools.combinations(split.values(), 2):
+            assert not a & b
         assert all(split.values())
     test = task.items([4], "test")
     train_premises = {task.class_items(task.equivalence_classes(4), int(m))[0].premise
@@ -193,3 +193,8 @@ def test_headline_dict_has_intervals_and_paired_differences():
     assert h["baselines"]["trivial_rule"] == "hypothesis-only" and "PC oracle" in h["baselines"]["others"]
     assert h["differences"]["trivial"]["mean"] == pytest.approx(0.3) and h["differences"]["trivial"]["low"] > 0
     assert h["differences"]["PC oracle"]["high"] < 0
+
+
+def test_run_command_names_the_notebook_preset_and_parameters():
+    assert exp.run_command("cpu", {"seeds": [0, 1, 2], "pretrained_run": "runs/quickstart/x"}) == (
+        "lablib run notebooks/07_corr2cause.ipynb --preset cpu -p pretrained_run runs/quickstart/x -p seeds '[0, 1, 2]'")

@@ -16,8 +16,9 @@ Notable here:
 - `evaluate_model` picks the P(valid) threshold with the best dev F1 and scores the test split
   and its renamed and paraphrased versions with it; `reference_scores` gives the baselines
   on the same items (chance, majority class, always valid, hypothesis-only, PC oracle).
-- `headline_dict` / `results_summary` write the seeds' numbers in the lab's results format
-  (headline with 95% t intervals over seeds and paired differences to each reference point).
+- `headline_dict` writes the seeds' numbers in the lab's results format (headline with 95% t
+  intervals over seeds and paired differences to each reference point); `provenance` and
+  `measured_on` record the code, the packages, the machine and its load.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from lablib.models import Transformer
 from lablib.objectives import IGNORE, token_cross_entropy
 from lablib.seeding import numpy_rng, seeded_transformer
 from lablib.tasks import corr2cause as task
-from lablib.train import TrainResult, train
+from lablib.train import train
 
 EXPERIMENT = "corr2cause"
 EVAL_SETS = ("test", "test_renamed", "test_paraphrased")
@@ -88,12 +89,13 @@ class Corr2CauseConfig(ModelConfig, TrainConfig):
                       hypotheses_per_row=6, eval_classes=6, eval_per_row=36, curve_classes=4, f1_every=6,
                       pc_check_classes=20, seeds=[0], finetune_steps=4, finetune_batch_size=2,
                       finetune_warmup_steps=1, eval_every=6, eval_batches=1, log_every=3, checkpoint_every=6),
-        # ~10-20 minutes on 2 shared cores: N = 2..5 (an N = 6 premise averages ~600 task tokens),
-        # 3 seeds of a 3-layer width-64 transformer (~0.15M parameters) and of the fine-tuned
-        # quickstart LM (its stdlib BPE spends ~1.6x the task tokenizer's tokens on this text)
-        "cpu": dict(n_layer=3, n_head=4, d_model=64, pos="rope", steps=400, batch_size=8, warmup_steps=30,
-                    learning_rate=3e-3, eval_classes=50, eval_every=100, eval_batches=2, log_every=20,
-                    checkpoint_every=200, keep_last=2, finetune_steps=100, finetune_batch_size=4,
+        # ~20 minutes on 2 shared cores: N = 2..5 (an N = 6 premise averages ~600 task tokens),
+        # 3 seeds of a 3-layer width-64 transformer (~0.16M parameters, 600 steps of 8 rows x 12
+        # hypotheses) and of the fine-tuned quickstart LM (1.06M parameters; its stdlib BPE spends
+        # ~1.6x the task tokenizer's tokens on this text)
+        "cpu": dict(n_layer=3, n_head=4, d_model=64, pos="rope", steps=600, batch_size=8, warmup_steps=30,
+                    learning_rate=3e-3, eval_classes=50, curve_classes=15, eval_every=100, eval_batches=2,
+                    log_every=20, checkpoint_every=200, keep_last=2, finetune_steps=100, finetune_batch_size=4,
                     finetune_warmup_steps=10),
         # the paper's sizes N = 2..6 and a wider model
         "gpu": dict(train_sizes=[2, 3, 4, 5, 6], n6_classes=20000, n_layer=8, n_head=8, d_model=256, pos="rope",
@@ -198,7 +200,8 @@ class AnswerLoss:
         return loss, {"tokens_scored": n, "answer_accuracy": float(right.float().mean())}
 
 
-def validation_batches(cfg: Corr2CauseConfig, data: Corr2CauseData, tokenizer: Tokenizer) -> list[dict[str, torch.Tensor]]:
+def validation_batches(cfg: Corr2CauseConfig, data: Corr2CauseData,
+                       tokenizer: Tokenizer) -> list[dict[str, torch.Tensor]]:
     """Fixed dev rows (natural label share) for the val_loss curve."""
     rows = task.chunked(data.sets["curve"], cfg.hypotheses_per_row)
     rng = np.random.default_rng([cfg.seeds[0], 97])
@@ -273,7 +276,8 @@ def finetune_config(cfg: Corr2CauseConfig, seed: int) -> TrainConfig:
 
 def train_finetuned(cfg: Corr2CauseConfig, seed: int, data: Corr2CauseData, base: Transformer, tokenizer: Tokenizer,
                     run=None, *, progress: bool = True):
-    """A copy of the pretrained LM fine-tuned on the task with its own tokenizer; returns (model, TrainResult, sub-run)."""
+    """A copy of the pretrained LM fine-tuned on the task with its own tokenizer;
+    returns (model, TrainResult, sub-run)."""
     import copy
 
     train_cfg = finetune_config(cfg, seed)
@@ -282,7 +286,7 @@ def train_finetuned(cfg: Corr2CauseConfig, seed: int, data: Corr2CauseData, base
     if sub is not None:
         tokenizer.save(sub.path / "tokenizer.json")
     model = copy.deepcopy(base).train()
-    rows_cfg = dataclasses.replace(cfg, f1_every=max(1, cfg.finetune_steps // 5), batch_size=cfg.finetune_batch_size,
+    rows_cfg = dataclasses.replace(cfg, f1_every=max(1, cfg.finetune_steps // 2), batch_size=cfg.finetune_batch_size,
                                    hypotheses_per_row=cfg.finetune_hypotheses_per_row)
     result = train(model, AnswerLoss(), ClassBatches(rows_cfg, data, tokenizer), train_cfg, sub,
                    val=validation_batches(rows_cfg, data, tokenizer),
@@ -292,7 +296,8 @@ def train_finetuned(cfg: Corr2CauseConfig, seed: int, data: Corr2CauseData, base
 
 # --- evaluation --------------------------------------------------------------------------------
 
-def evaluate_probabilities(model, tokenizer: Tokenizer, data: Corr2CauseData, cfg: Corr2CauseConfig) -> dict[str, np.ndarray]:
+def evaluate_probabilities(model, tokenizer: Tokenizer, data: Corr2CauseData,
+                           cfg: Corr2CauseConfig) -> dict[str, np.ndarray]:
     """P(valid) of every item of dev and of each evaluation set."""
     return {name: task.valid_probabilities(model, tokenizer, data.sets[name], cfg.eval_batch_size, cfg.eval_per_row)
             for name in ("dev", *EVAL_SETS)}
@@ -402,7 +407,19 @@ def measured_on() -> dict[str, Any]:
     return {"machine": machine(), "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
-def relation_rows(per_seed_scores: dict[int, dict[str, Any]], set_name: str, keys: Sequence[str]) -> list[dict[str, Any]]:
+def run_command(preset: str, parameters: dict[str, Any]) -> str:
+    """The `lablib run` command line of notebook 07 with these parameters (JSON values)."""
+    import json
+    import shlex
+
+    parts = ["lablib", "run", "notebooks/07_corr2cause.ipynb", "--preset", preset]
+    for name, value in sorted(parameters.items()):
+        parts += ["-p", name, value if isinstance(value, str) else json.dumps(value)]
+    return shlex.join(parts)
+
+
+def relation_rows(per_seed_scores: dict[int, dict[str, Any]], set_name: str,
+                  keys: Sequence[str]) -> list[dict[str, Any]]:
     """Rows (key, F1 / precision / recall mean over seeds with interval) from per-seed score tables."""
     rows = []
     for key in keys:

@@ -60,7 +60,8 @@ TEMPLATES = {  # style -> statement and hypothesis templates; `paraphrased` (hyp
         "correlation": "{a} correlates with {b}.",
         "independent": "{a} is independent of {b}.",
         "conditional": "{a} and {b} are independent given {given}.",
-        "hypotheses": ("{a} directly causes {b}.", "{b} directly causes {a}.", "{a} causes something else which causes {b}.",
+        "hypotheses": ("{a} directly causes {b}.", "{b} directly causes {a}.",
+                       "{a} causes something else which causes {b}.",
                        "{b} causes something else which causes {a}.",
                        "There exists at least one collider (i.e., common effect) of {a} and {b}.",
                        "There exists at least one confounder (i.e., common cause) of {a} and {b}."),
@@ -353,8 +354,8 @@ def class_items(classes: EquivalenceClasses, m: int, style: str = "original",
     """Every hypothesis (pairs x relations) about class m, sharing one premise."""
     names = tuple(names or default_names(classes.n))
     text = premise(classes.separated[m], names)
-    return [Item(classes.n, m, i, j, r, bool(classes.labels[m, p, r]), text, hypothesis(names[i], names[j], r, style), style)
-            for p, (i, j) in enumerate(pairs(classes.n)) for r in range(len(RELATIONS))]
+    return [Item(classes.n, m, i, j, r, bool(classes.labels[m, p, r]), text, hypothesis(names[i], names[j], r, style),
+                 style) for p, (i, j) in enumerate(pairs(classes.n)) for r in range(len(RELATIONS))]
 
 
 def class_indices(classes: EquivalenceClasses, split: str) -> np.ndarray:
@@ -436,8 +437,8 @@ def pc_cpdag(names: Sequence[str], independent: Callable[[str, str, frozenset], 
         for a, b in zip(*np.nonzero(undirected)):
             rule1 = any(directed[c, a] and not skeleton[c, b] for c in range(n))
             rule2 = any(directed[a, c] and directed[c, b] for c in range(n))
-            rule3 = any(undirected[a, c] and undirected[a, d] and directed[c, b] and directed[d, b] and not skeleton[c, d]
-                        for c, d in itertools.combinations(range(n), 2))
+            rule3 = any(undirected[a, c] and undirected[a, d] and directed[c, b] and directed[d, b]
+                        and not skeleton[c, d] for c, d in itertools.combinations(range(n), 2))
             if rule1 or rule2 or rule3:
                 directed[a, b] = True
                 changed = True
@@ -548,7 +549,8 @@ def answer_lead(tokenizer: Tokenizer) -> list[int]:
     return list(_answer_tokens(tokenizer)[0])
 
 
-def encode_group(tokenizer: Tokenizer, group: Sequence[Item], with_answers: bool = True) -> tuple[list[int], list[int], list[int], list[int]]:
+def encode_group(tokenizer: Tokenizer, group: Sequence[Item],
+                 with_answers: bool = True) -> tuple[list[int], list[int], list[int], list[int]]:
     """One class's premise once, then each hypothesis (and its answer token): (ids, segment, positions,
     answer position per hypothesis). Each hypothesis sees the premise and itself, at the positions it
     would have alone."""
@@ -556,7 +558,8 @@ def encode_group(tokenizer: Tokenizer, group: Sequence[Item], with_answers: bool
     lead = answer_lead(tokenizer)
     head = tokenizer.encode(group[0].premise)
     ids, segment, positions, answer_at = list(head), [0] * len(head), list(range(len(head))), []
-    for k, (item, whole) in enumerate(zip(group, tokenizer.encode_batch([prompt(it.premise, it.hypothesis) for it in group])), 1):
+    prompts = tokenizer.encode_batch([prompt(it.premise, it.hypothesis) for it in group])
+    for k, (item, whole) in enumerate(zip(group, prompts), 1):
         if whole[:len(head)] != head or item.premise != group[0].premise:
             raise ValueError("encode_group: every item of a group must share the premise, tokenized alone")
         question = whole[len(head):] + lead

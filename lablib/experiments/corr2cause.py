@@ -90,10 +90,10 @@ class Corr2CauseConfig(ModelConfig, TrainConfig):
                       pc_check_classes=20, seeds=[0], finetune_steps=4, finetune_batch_size=2,
                       finetune_warmup_steps=1, eval_every=6, eval_batches=1, log_every=3, checkpoint_every=6),
         # ~20 minutes on 2 shared cores: N = 2..5 (an N = 6 premise averages ~600 task tokens),
-        # 3 seeds of a 3-layer width-64 transformer (~0.16M parameters, 600 steps of 8 rows x 12
-        # hypotheses) and of the fine-tuned quickstart LM (1.06M parameters; its stdlib BPE spends
+        # 3 seeds of a 3-layer width-64 transformer (~0.16M parameters, 400 steps of 8 rows x 12
+        # hypotheses: dev F1 flattens by step 400) and of the fine-tuned quickstart LM (1.06M parameters; its stdlib BPE spends
         # ~1.6x the task tokenizer's tokens on this text)
-        "cpu": dict(n_layer=3, n_head=4, d_model=64, pos="rope", steps=600, batch_size=8, warmup_steps=30,
+        "cpu": dict(n_layer=3, n_head=4, d_model=64, pos="rope", steps=400, batch_size=8, warmup_steps=30,
                     learning_rate=3e-3, eval_classes=50, curve_classes=15, eval_every=100, eval_batches=2,
                     log_every=20, checkpoint_every=200, keep_last=2, finetune_steps=100, finetune_batch_size=4,
                     finetune_warmup_steps=10),

@@ -172,6 +172,8 @@ def measured_on_text(measured_on: dict[str, Any]) -> str:
 
 
 def command_text(commands: Sequence[str], seeds: Sequence[Any]) -> str:
+    if len(commands) == 1 and len(seeds) > 1:  # one run measured every seed
+        return f"`{commands[0]}` (seeds {', '.join(map(str, seeds))} in one run)"
     generic = {c.replace(f"-p seed {s}", "-p seed S") for c, s in zip(commands, seeds)}
     if len(generic) == 1 and len(seeds) > 1:
         return f"`{generic.pop()}` for S in {', '.join(map(str, seeds))}"

@@ -33,6 +33,7 @@ STREAMS = {  # stream name -> its entropy word (never renumber: results depend o
     "prior": 5,  # per micro-batch: the tabular prior's tasks
     "induction": 6,  # per micro-batch: the induction task's random strings
     "noise": 7,  # causal tracing's corruption noise
+    "corr2cause": 8,  # per micro-batch: the Corr2Cause classes and hypotheses drawn for training
 }
 
 M = TypeVar("M", bound=torch.nn.Module)

@@ -5,7 +5,7 @@
                  [--backend local|ray] [--address RAY_ADDRESS]
     lablib runs [EXPERIMENT]
     lablib report [--check] [--collect RUN_DIR...]
-    lablib kernel [--user]
+    lablib kernel [--user] | lablib kernel --notebooks [NOTEBOOK...] [--check]
     lablib import-hf FOLDER [--revisions R...] [--run-dir DIR]
 
 A bad parameter is refused before any work: one line naming it, what was expected
@@ -216,8 +216,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_kernel(args: argparse.Namespace) -> int:
-    from lablib.notebooks import ensure_kernel, kernel_folder
+    from lablib.notebooks import ensure_kernel, kernel_folder, set_lab_kernel
 
+    if args.notebooks is not None:
+        paths = sorted(Path(p) for p in args.notebooks) or sorted(Path("notebooks").glob("*.ipynb"))
+        found = set_lab_kernel(paths, check=args.check)
+        for name, problems in found:
+            print(f"{name}: {'; '.join(problems)}" if args.check else f"updated {name}")
+        return 1 if args.check and found else 0
     name = ensure_kernel(user=args.user)
     print(f"kernel {name!r} (\"Python (lablib)\") for {sys.executable} registered in {kernel_folder(args.user)}")
     return 0
@@ -268,6 +274,9 @@ def parser() -> argparse.ArgumentParser:
     k = sub.add_parser("kernel", help="register the 'lablib' Jupyter kernel for this environment")
     k.add_argument("--user", action="store_true", help="register it for every JupyterLab of this user "
                    "(the user's Jupyter data folder), not only this environment's")
+    k.add_argument("--notebooks", nargs="*", metavar="NOTEBOOK", help="instead, give these notebooks (default: "
+                   "notebooks/*.ipynb) the lab's kernelspec and the one-line guard as their first code cell")
+    k.add_argument("--check", action="store_true", help="with --notebooks: only list those that lack either; exit 1 if any")
     k.set_defaults(func=cmd_kernel)
     hf = sub.add_parser("import-hf", help="a run folder from a local GPT-NeoX (Pythia) checkpoint folder, "
                         "one checkpoint per revision, for the analysis tools and widgets")

@@ -187,3 +187,52 @@ def _environment(**values: str):
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+# --- the lab's kernel in notebook files ---------------------------------------------------------
+# Every notebook names the `lablib` kernelspec and starts with this one-line guard, so a notebook
+# opened with another kernel (a JupyterLab's own `python3`) stops at once saying which to select.
+KERNELSPEC = {"name": KERNEL_NAME, "display_name": "Python (lablib)", "language": "python"}
+KERNEL_GUARD = ('import importlib.util, sys; importlib.util.find_spec("lablib") or sys.exit("This kernel cannot import '
+                'lablib: select the kernel \'Python (lablib)\' (Kernel > Change Kernel; `lablib kernel --user` installs it)")')
+
+
+def _first_code_source(nb: dict) -> str:
+    cell = next((c for c in nb["cells"] if c["cell_type"] == "code"), None)
+    if cell is None:
+        return ""
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def kernel_problems(nb: dict) -> list[str]:
+    """What a notebook (as JSON) lacks of the lab kernel: its kernelspec, its guard cell ([] when neither)."""
+    out = []
+    if nb.get("metadata", {}).get("kernelspec", {}).get("name") != KERNEL_NAME:
+        out.append(f"kernelspec is not {KERNEL_NAME!r}")
+    if _first_code_source(nb).strip() != KERNEL_GUARD:
+        out.append("first code cell is not the kernel guard")
+    return out
+
+
+def with_lab_kernel(nb: dict) -> dict:
+    """The notebook with the lab's kernelspec and the guard as its first code cell (nothing else touched)."""
+    nb.setdefault("metadata", {})["kernelspec"] = dict(KERNELSPEC)
+    if _first_code_source(nb).strip() != KERNEL_GUARD:
+        index = next((i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code"), len(nb["cells"]))
+        nb["cells"].insert(index, {"cell_type": "code", "execution_count": None, "id": "lablib-kernel-guard",
+                                   "metadata": {"tags": ["kernel-guard"]}, "outputs": [], "source": KERNEL_GUARD})
+    return nb
+
+
+def set_lab_kernel(paths: list[Path], check: bool = False) -> list[tuple[str, list[str]]]:
+    """Give these notebooks the lab's kernel (or, with check, only list what each lacks); returns (name, problems)."""
+    import nbformat
+
+    found = []
+    for path in paths:
+        nb = json.loads(path.read_text())
+        if problems := kernel_problems(nb):
+            found.append((path.name, problems))
+            if not check:
+                nbformat.write(nbformat.from_dict(with_lab_kernel(nb)), str(path))  # the layout Jupyter writes
+    return found

@@ -14,8 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 CONDA_NAMES = {"torch": "pytorch"}  # PyPI name -> conda-forge name, where they differ
 
-sys.path.insert(0, str(ROOT / "scripts"))
-import notebook_kernel  # noqa: E402
+from lablib.notebooks import KERNEL_GUARD, kernel_problems  # noqa: E402
 
 
 def requirement(spec: str) -> tuple[str, str]:
@@ -99,17 +98,17 @@ def test_committed_notebooks_are_clean():
 def test_every_notebook_names_the_lab_kernel_and_starts_with_the_guard():
     for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
         nb = json.loads(path.read_text())
-        assert notebook_kernel.problems(nb) == [], f"{path.name}: run `python scripts/notebook_kernel.py`"
+        assert kernel_problems(nb) == [], f"{path.name}: run `lablib kernel --notebooks`"
         assert nb["metadata"]["kernelspec"]["display_name"] == "Python (lablib)"
 
 
 def test_guard_prints_one_line_naming_the_kernel_where_lablib_is_missing(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    bare = subprocess.run([sys.executable, "-I", "-S", "-c", notebook_kernel.GUARD], cwd=tmp_path, env=env,
+    bare = subprocess.run([sys.executable, "-I", "-S", "-c", KERNEL_GUARD], cwd=tmp_path, env=env,
                           capture_output=True, text=True)
     assert bare.returncode == 1
     assert bare.stderr.strip().count("\n") == 0 and "'Python (lablib)'" in bare.stderr
-    ok = subprocess.run([sys.executable, "-c", notebook_kernel.GUARD], cwd=ROOT, capture_output=True, text=True)
+    ok = subprocess.run([sys.executable, "-c", KERNEL_GUARD], cwd=ROOT, capture_output=True, text=True)
     assert ok.returncode == 0 and ok.stderr == ""
 
 
@@ -142,3 +141,17 @@ def test_an_executed_notebook_shows_its_figures_in_nbconvert_html(tmp_path):
     html = (tmp_path / "notebook.html").read_text()
     assert 'class="plotly-graph-div"' in html and "Plotly.newPlot" in html  # drawn by plotly.js, no kernel
     assert re.search(r'src="https://cdn\.plot\.ly/plotly-[0-9.]+\.min\.js"', html)  # plotly.js from its CDN
+
+
+def test_kernel_notebooks_flag_lists_then_restores_the_kernel_and_guard(tmp_path):
+    nb = json.loads((ROOT / "notebooks" / "00_quickstart.ipynb").read_text())
+    nb["cells"] = [c for c in nb["cells"] if "".join(c["source"]).strip() != KERNEL_GUARD]
+    nb["metadata"]["kernelspec"]["name"] = "python3"
+    path = tmp_path / "bare.ipynb"
+    path.write_text(json.dumps(nb))
+    lablib = [sys.executable, "-m", "lablib.cli", "kernel", "--notebooks", str(path)]
+    check = subprocess.run([*lablib, "--check"], capture_output=True, text=True)
+    assert check.returncode == 1 and "kernelspec is not 'lablib'" in check.stdout
+    assert subprocess.run(lablib, capture_output=True, text=True).returncode == 0
+    assert kernel_problems(json.loads(path.read_text())) == []
+    assert subprocess.run([*lablib, "--check"], capture_output=True, text=True).returncode == 0

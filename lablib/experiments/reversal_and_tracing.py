@@ -1,9 +1,13 @@
 """The reversal-and-tracing experiment (notebooks/06_reversal_and_tracing.ipynb): the reversal curse
-on fictional parent/child facts, then causal tracing and single-layer edits of the same facts.
+on fictional families (parent/child chains plus friend and colleague facts), then causal tracing and
+single-layer edits of the same facts.
 
 Notable here:
 - `ReversalConfig` / `train_reversal_variant`: one fresh model per training-text variant
-  (`lablib.tasks.facts.REVERSAL_VARIANTS`), scored forward and reverse by `reversal_accuracy`.
+  (`lablib.tasks.facts.REVERSAL_VARIANTS`) and seed, scored forward and reverse by `reversal_accuracy`.
+- `evaluation_splits`: the forward-only pairs in a `dev` split (the trivial rule is chosen
+  there) and a `test` split (reported); `untrained_accuracy` and `trivial_rule_scores` are the
+  baselines on the same items.
 - `ReversalTracingConfig` adds the tracing and editing knobs; `trace_pairs`, `edit_sweep`
   and `trace_checkpoints` run `lablib.interp.tracing` on the experiment's forward facts.
   `EDIT_METHODS` is the table of edits the notebook sweeps.
@@ -11,39 +15,45 @@ Notable here:
 
 from __future__ import annotations
 
+import copy
+import json
+import shlex
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 
 from lablib.config import ConfigError, ModelConfig, TrainConfig, knob
 from lablib.data import Tokenizer
+from lablib.evidence import assign_splits
 from lablib.interp.analysis import sequence_logprobs
 from lablib.interp.tracing import (SITES, Trace, edit_layer, edit_scores, embedding_noise_std, mean_recovery,
                                    rank_one_edit, subject_positions, trace_fact)
 from lablib.objectives import CausalLM
 from lablib.seeding import seeded_transformer
-from lablib.tasks.facts import FORWARD_RELATION, REVERSAL_VARIANTS, ReversalData, ReversalStream
+from lablib.tasks.facts import (FORWARD_RELATION, REVERSAL_VARIANTS, TRIVIAL_RULES, ReversalData, ReversalStream,
+                                make_reversal_data, reversal_accuracy, trivial_accuracy)
 from lablib.train import train
 
 
 @dataclass
 class ReversalConfig(ModelConfig, TrainConfig):
-    n_pairs: int = knob(120, "parent/child pairs (every person belongs to exactly one)", min=2)
-    n_both: int = knob(40, "pairs also written in the reverse wording, to teach it; the rest are the test", min=0)
+    n_families: int = knob(40, "families, each a chain of `generations` people (so a person is a child and a parent)", min=2)
+    generations: int = knob(3, "people per family chain; a family holds generations - 1 parent/child pairs", min=2)
+    n_both: int = knob(24, "pairs also written in the reverse wording, to teach it; the rest are the test", min=0)
     variants: list[str] = knob(list(REVERSAL_VARIANTS), "training-text variants, one run each: " + ", ".join(REVERSAL_VARIANTS))
     transform_prob: float = knob(0.5, "probability that a training sentence is written through the variant's transform",
                                  min=0.0, max=1.0)
 
     presets: ClassVar[dict] = {
-        "smoke": dict(n_pairs=12, n_both=4, steps=30, n_layer=2, n_head=2, d_model=32, seq_len=32, max_seq_len=32,
+        "smoke": dict(n_families=6, n_both=4, steps=30, n_layer=2, n_head=2, d_model=32, seq_len=32, max_seq_len=32,
                       batch_size=16, warmup_steps=5, log_every=10, checkpoint_every=10, num_threads=1),
-        "cpu": dict(n_pairs=120, n_both=40, steps=600, n_layer=4, n_head=4, d_model=128, seq_len=32, max_seq_len=32,
+        "cpu": dict(n_families=32, n_both=20, steps=600, n_layer=4, n_head=4, d_model=128, seq_len=32, max_seq_len=32,
                     batch_size=32, learning_rate=2e-3, warmup_steps=100, weight_decay=0.1, log_every=50,
                     checkpoint_every=250,
                     num_threads=1),  # a model this small runs fastest on one thread, above all on a busy machine
-        "gpu": dict(n_pairs=1000, n_both=300, steps=6000, n_layer=8, n_head=8, d_model=512, seq_len=64, max_seq_len=64,
+        "gpu": dict(n_families=500, n_both=300, steps=6000, n_layer=8, n_head=8, d_model=512, seq_len=64, max_seq_len=64,
                     batch_size=128, learning_rate=6e-4, warmup_steps=300, log_every=50, checkpoint_every=1000),
     }
 
@@ -54,7 +64,16 @@ class ReversalConfig(ModelConfig, TrainConfig):
             raise ConfigError(f"parameter 'variants': expected a non-empty list from {', '.join(REVERSAL_VARIANTS)}, "
                               f"got {self.variants}")
         if self.n_both >= self.n_pairs:
-            raise ConfigError(f"parameter 'n_both': expected fewer than n_pairs={self.n_pairs}, got {self.n_both}")
+            raise ConfigError(f"parameter 'n_both': expected fewer than the {self.n_pairs} parent/child pairs "
+                              f"(n_families * (generations - 1)), got {self.n_both}")
+
+    @property
+    def n_pairs(self) -> int:
+        return self.n_families * (self.generations - 1)
+
+    @property
+    def n_names(self) -> int:
+        return self.n_families * self.generations
 
 
 def train_reversal_variant(cfg: ReversalConfig, data: ReversalData, tokenizer: Tokenizer, variant: str, run=None,
@@ -70,6 +89,10 @@ def train_reversal_variant(cfg: ReversalConfig, data: ReversalData, tokenizer: T
 
 @dataclass
 class ReversalTracingConfig(ReversalConfig):
+    seeds: list[int] = knob([0], "seeds (world, initialisation, data order), one model per variant each; "
+                                 "tracing and editing use the first")
+    dev_fraction: float = knob(0.5, "share of the test pairs put in the dev split (choices are made there)",
+                               min=0.0, max=1.0, min_exclusive=True)
     trace_facts: int = knob(12, "forward facts (from the test pairs) that are traced and edited", min=1)
     noise_scale: float = knob(3.0, "subject-embedding noise in units of the embeddings' std (ROME uses 3)", min=0.0)
     trace_samples: int = knob(10, "noise samples averaged per trace", min=1)
@@ -79,10 +102,62 @@ class ReversalTracingConfig(ReversalConfig):
 
     presets: ClassVar[dict] = {
         "smoke": {**ReversalConfig.presets["smoke"], "trace_facts": 2, "trace_samples": 2, "edit_steps": 2,
-                  "variants": ["plain", "chunk_reversal"]},
-        "cpu": {**ReversalConfig.presets["cpu"], "edit_steps": 20},
-        "gpu": {**ReversalConfig.presets["gpu"], "trace_facts": 50, "trace_window": 3},
+                  "variants": ["plain", "chunk_reversal"], "seeds": [0, 1]},
+        "cpu": {**ReversalConfig.presets["cpu"], "edit_steps": 20, "seeds": [0, 1, 2], "trace_facts": 8},
+        "gpu": {**ReversalConfig.presets["gpu"], "trace_facts": 50, "trace_window": 3, "seeds": [0, 1, 2]},
     }
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"parameter 'seeds': expected a non-empty list of distinct seeds, got {self.seeds}")
+        if self.dev_fraction >= 1.0:
+            raise ConfigError(f"parameter 'dev_fraction': expected a value below 1 (the test split must hold pairs), "
+                              f"got {self.dev_fraction}")
+
+
+def with_seed(cfg: ReversalTracingConfig, seed: int) -> ReversalTracingConfig:
+    """The same config with `seed` (world, initialisation and data order) set."""
+    out = copy.copy(cfg)  # keeps attributes set after construction (the preset's name)
+    out.seed = cfg.check("seed", seed)
+    out.validate()
+    return out
+
+
+def reversal_world(cfg: ReversalConfig) -> ReversalData:
+    """The seed's world (families and acquaintances) with the config's sizes."""
+    return make_reversal_data(cfg.n_families, cfg.n_both, seed=cfg.seed, generations=cfg.generations)
+
+
+def evaluation_splits(data: ReversalData, dev_fraction: float = 0.5, seed: int = 0) -> dict[str, list[tuple[str, str]]]:
+    """The forward-only pairs split into `dev` (choices: the trivial rule) and `test` (reported) by a
+    stable hash of each pair; the pairs seen both ways are `both` (they check the reverse wording)."""
+    split = assign_splits(data.forward_only, key=lambda pair: " -> ".join(pair), dev_fraction=dev_fraction, seed=seed)
+    if not split["dev"] or not split["test"]:
+        raise ValueError(f"evaluation splits: {len(data.forward_only)} forward-only pairs leave an empty split "
+                         f"(dev {len(split['dev'])}, test {len(split['test'])}); use more families")
+    return {"dev": split["dev"], "test": split["test"], "both": data.both}
+
+
+def untrained_accuracy(cfg: ReversalConfig, data: ReversalData, tokenizer: Tokenizer,
+                       groups: dict[str, Sequence[tuple[str, str]]]) -> dict[str, float]:
+    """`reversal_accuracy` of the step-0 model (the seeded initialisation every variant starts from)."""
+    return reversal_accuracy(seeded_transformer(cfg, tokenizer.vocab_size).eval(), tokenizer, data, groups)
+
+
+def trivial_rule_scores(data: ReversalData, groups: dict[str, Sequence[tuple[str, str]]]) -> dict[str, Any]:
+    """Every trivial rule's reverse exact match on dev and test, and the rule chosen on dev (the strongest there)."""
+    scores = {name: trivial_accuracy(data, groups[name]) for name in ("dev", "test")}
+    chosen = max(TRIVIAL_RULES, key=lambda rule: (scores["dev"][rule], -list(TRIVIAL_RULES).index(rule)))
+    return {"dev": scores["dev"], "test": scores["test"], "chosen_on_dev": chosen}
+
+
+def run_command(preset: str, parameters: dict[str, Any]) -> str:
+    """The `lablib run` command line of notebook 06 with these parameters (JSON values)."""
+    parts = ["lablib", "run", "notebooks/06_reversal_and_tracing.ipynb", "--preset", preset]
+    for name, value in sorted(parameters.items()):
+        parts += ["-p", name, value if isinstance(value, str) else json.dumps(value)]
+    return shlex.join(parts)
 
 
 POSITION_LABELS = ["<eos>", "subject (first)", "subject (last)", *FORWARD_RELATION.split()]

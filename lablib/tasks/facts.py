@@ -14,8 +14,12 @@ Notable here:
   summed log-probability of exactly its target tokens.
 - `word_tokenizer` gives every word its own token (a `tokenizers` WordLevel model), so a
   name is exactly two tokens and a chunk of a sentence is a run of whole tokens.
-- The reversal curse: `ReversalData` holds parent/child pairs; some pairs are shown in
-  both directions (to teach the reverse wording), the test pairs forward only.
+- The reversal curse: `ReversalData` holds families (chains of generations, so a person
+  is both a child and a parent) and friend/colleague facts, so a name is followed by
+  several names and only the relation chunk decides the answer; some parent/child pairs
+  are shown in both directions (to teach the reverse wording), the test pairs forward
+  only. `seen_strings` lists every sentence any variant can write (no test answer is
+  among them); `TRIVIAL_RULES` answer the reverse question without a model.
   `REVERSAL_VARIANTS` is the table of training-text transforms (plain, token-level
   reversal, chunk-level reversal, random chunk permutation); `ReversalStream` packs
   transformed sentences into reproducible training rows.
@@ -290,13 +294,29 @@ REVERSAL_VARIANTS: dict[str, Callable | None] = {
 }
 
 
+OTHER_RELATIONS = ("is the friend of",)  # written once per person, in one direction
+
+
 @dataclass
 class ReversalData:
-    """Parent/child pairs. `both` pairs are written in both directions; `forward_only` pairs only as
-    "A is the parent of B", and their reverse ("B is the child of A") is the test of the curse."""
+    """A world of families and acquaintances for the reversal curse.
+
+    `pairs` are (parent, child) links: each family is a chain of generations, so a person in
+    the middle is the child of one pair and the parent of the next. `others` are further
+    (subject, relation, object) facts of `OTHER_RELATIONS` (each person names a friend outside the family).
+    So a name is followed by several names in training and only
+    the relation chunk (and its direction) says which one answers a question. `both` pairs are
+    written in both wordings; `forward_only` pairs only as "A is the parent of B", and their
+    reverse ("B is the child of" -> A) is the test of the curse."""
 
     pairs: list[tuple[str, str]]  # (parent, child)
     n_both: int
+    people: list[str] = field(default_factory=list)  # every person (the candidate answers)
+    others: list[tuple[str, str, str]] = field(default_factory=list)  # (subject, relation, object)
+
+    def __post_init__(self):
+        if not self.people:
+            self.people = list(dict.fromkeys(n for pair in self.pairs for n in pair))
 
     @property
     def both(self) -> list[tuple[str, str]]:
@@ -308,12 +328,13 @@ class ReversalData:
 
     @property
     def names(self) -> list[str]:
-        return [n for pair in self.pairs for n in pair]
+        return list(self.people)
 
     def sentences(self) -> list[list[list[str]]]:
         """Training sentences as chunks: [subject words], [relation words], [object words]."""
         out = [[a.split(), FORWARD_RELATION.split(), b.split()] for a, b in self.pairs]
         out += [[b.split(), REVERSE_RELATION.split(), a.split()] for a, b in self.both]
+        out += [[s.split(), rel.split(), o.split()] for s, rel, o in self.others]
         return out
 
     def texts(self) -> list[str]:
@@ -325,13 +346,38 @@ class ReversalData:
             return [f"{a} {FORWARD_RELATION}" for a, _ in pairs], [b for _, b in pairs]
         return [f"{b} {REVERSE_RELATION}" for _, b in pairs], [a for a, _ in pairs]
 
+    def summary(self) -> dict[str, int]:
+        return {"people": len(self.people), "pairs": len(self.pairs), "both": len(self.both),
+                "forward_only": len(self.forward_only), "other_facts": len(self.others),
+                "sentences": len(self.sentences())}
 
-def make_reversal_data(n_pairs: int, n_both: int, seed: int = 0) -> ReversalData:
+
+def make_reversal_data(n_families: int, n_both: int, seed: int = 0, generations: int = 3,
+                       other_relations: Sequence[str] = OTHER_RELATIONS) -> ReversalData:
+    """`n_families` chains of `generations` people ((generations - 1) parent/child pairs each), in a
+    random order of pairs, the first `n_both` shown both ways; every person also names one person
+    outside the family per relation of `other_relations`."""
+    if generations < 2:
+        raise ValueError(f"generations: expected at least 2 (a parent and a child), got {generations}")
+    n_pairs = n_families * (generations - 1)
     if not 0 <= n_both < n_pairs:
-        raise ValueError(f"n_both: expected 0 <= n_both < n_pairs={n_pairs}, got {n_both}")
+        raise ValueError(f"n_both: expected 0 <= n_both < {n_pairs} (the pairs of {n_families} families of "
+                         f"{generations} generations), got {n_both}")
+    if other_relations and n_families < 2:
+        raise ValueError(f"n_families: other relations need at least 2 families, got {n_families}")
     rng = np.random.default_rng(seed)
-    names = two_word_names(2 * n_pairs, rng, pool=max(8, int(np.ceil(np.sqrt(2 * n_pairs))) + 4))
-    return ReversalData([(names[2 * i], names[2 * i + 1]) for i in range(n_pairs)], n_both)
+    n_people = n_families * generations
+    names = two_word_names(n_people, rng, pool=max(8, int(np.ceil(np.sqrt(n_people))) + 4))
+    families = [names[f * generations:(f + 1) * generations] for f in range(n_families)]
+    pairs = [(fam[g], fam[g + 1]) for fam in families for g in range(generations - 1)]
+    pairs = [pairs[i] for i in rng.permutation(len(pairs))]
+    family_of = {n: f for f, fam in enumerate(families) for n in fam}
+    others = []
+    for rel in other_relations:
+        for person in names:
+            outside = [n for n in names if family_of[n] != family_of[person]]
+            others.append((person, rel, outside[int(rng.integers(len(outside)))]))
+    return ReversalData(pairs, n_both, list(names), others)
 
 
 @dataclass
@@ -376,11 +422,12 @@ def reversal_tokenizer(data: ReversalData) -> Tokenizer:
 
 # --- scoring the reversal data ------------------------------------------------------------------
 
-def reversal_accuracy(model, tokenizer: Tokenizer, data: ReversalData) -> dict[str, float]:
-    """Forward and reverse exact match, top-1 and mean rank among all names, on the forward-only
-    (test) pairs and on the pairs seen both ways; with chance levels."""
+def reversal_accuracy(model, tokenizer: Tokenizer, data: ReversalData,
+                      groups: dict[str, Sequence[tuple[str, str]]] | None = None) -> dict[str, float]:
+    """Forward and reverse exact match, top-1 and mean rank among all names, per group of pairs
+    (default: the forward-only pairs as `test` and the pairs seen both ways as `both`); with chance levels."""
     out: dict[str, float] = {}
-    groups = {"test": data.forward_only, "both": data.both}
+    groups = groups if groups is not None else {"test": data.forward_only, "both": data.both}
     for group, pairs in groups.items():
         if not pairs:
             continue
@@ -393,3 +440,68 @@ def reversal_accuracy(model, tokenizer: Tokenizer, data: ReversalData) -> dict[s
     n = len(data.names)
     out["chance_top1"], out["chance_mean_rank"] = 1.0 / n, (n + 1) / 2
     return out
+
+
+def seen_strings(data: ReversalData) -> list[str]:
+    """Every sentence any training variant can write: each training sentence as written, token by
+    token reversed, and in every order of its chunks."""
+    out = set()
+    for chunks in data.sentences():
+        out.add(" ".join(reverse_tokens(chunks, None)) + " .")
+        for order in itertools.permutations(chunks):
+            out.add(" ".join(_tokens(order)) + " .")
+    return sorted(out)
+
+
+# --- trivial rules for the reverse question ------------------------------------------------------
+# Each answers "B is the child of" from the training sentences as written, without a model.
+
+def _training_triples(data: ReversalData) -> list[tuple[str, str, str]]:
+    return ([(a, FORWARD_RELATION, b) for a, b in data.pairs] + [(b, REVERSE_RELATION, a) for a, b in data.both]
+            + list(data.others))
+
+
+def _most_common(names: list[str], fallback: str) -> str:
+    from collections import Counter
+
+    if not names:
+        return fallback
+    counts = Counter(names)
+    top = max(counts.values())
+    return min(n for n, c in counts.items() if c == top)  # ties: alphabetical, blind to the facts' order and roles
+
+
+def _rule_partner(data, triples, child):
+    return [o if s == child else s for s, _, o in triples if child in (s, o)]
+
+
+def _rule_before(data, triples, child):
+    return [s for s, _, o in triples if o == child]
+
+
+def _rule_after_relation(data, triples, child):
+    return [o for _, rel, o in triples if rel == REVERSE_RELATION]
+
+
+# rule -> the candidates it counts for child B (the most frequent one, alphabetical first on ties, is its answer)
+TRIVIAL_RULES: dict[str, Callable] = {
+    "most frequent partner of B": _rule_partner,
+    "most frequent name written before B": _rule_before,
+    "most frequent answer of the reverse wording": _rule_after_relation,
+}
+
+
+def trivial_answers(data: ReversalData, pairs: Sequence[tuple[str, str]], rule: str) -> list[str]:
+    """The rule's answer to "B is the child of" for each (parent, child) pair."""
+    if rule not in TRIVIAL_RULES:
+        raise ValueError(f"rule: expected one of {', '.join(TRIVIAL_RULES)}, got {rule!r}")
+    triples = _training_triples(data)
+    return [_most_common(TRIVIAL_RULES[rule](data, triples, b), data.names[0]) for _, b in pairs]
+
+
+def trivial_accuracy(data: ReversalData, pairs: Sequence[tuple[str, str]]) -> dict[str, float]:
+    """Reverse exact match of every trivial rule on these pairs."""
+    if not pairs:
+        raise ValueError("trivial_accuracy: expected at least one pair, got none")
+    return {rule: float(np.mean([ans == a for ans, (a, _) in zip(trivial_answers(data, pairs, rule), pairs)]))
+            for rule in TRIVIAL_RULES}

@@ -76,12 +76,17 @@ def run_command(run_dir: Path, root: Path) -> str:
         checkout = find(source.parent) or root
         source = source.relative_to(checkout) if source.is_relative_to(checkout) else source
     params = dict(record.get("parameters", {}))
-    parts = ["lablib", "run", str(source), "--preset", str(params.pop("preset", "cpu"))]
+    preset = str(params.pop("preset", "cpu"))
     params.pop("run_dir", None)
     params.update(params.pop("overrides", None) or {})
-    for name, value in sorted(params.items()):
-        text = value if isinstance(value, str) else json.dumps(value)
-        parts += ["-p", name, text]
+    return lablib_run_command(str(source), preset, params)
+
+
+def lablib_run_command(notebook: str, preset: str, parameters: dict[str, Any]) -> str:
+    """The `lablib run NOTEBOOK --preset P -p NAME VALUE...` line for these parameters (JSON values)."""
+    parts = ["lablib", "run", notebook, "--preset", preset]
+    for name, value in sorted(parameters.items()):
+        parts += ["-p", name, value if isinstance(value, str) else json.dumps(value)]
     return shlex.join(parts)
 
 

@@ -369,14 +369,10 @@ def interval(values: Sequence[float]) -> dict[str, Any]:
 
 
 def run_command(preset: str, parameters: dict[str, Any]) -> str:
-    """The `lablib run` command line of notebook 07 with these parameters (JSON values)."""
-    import json
-    import shlex
+    """The `lablib run` command line of notebooks/07_corr2cause.ipynb with these parameters."""
+    from lablib.report import lablib_run_command
 
-    parts = ["lablib", "run", "notebooks/07_corr2cause.ipynb", "--preset", preset]
-    for name, value in sorted(parameters.items()):
-        parts += ["-p", name, value if isinstance(value, str) else json.dumps(value)]
-    return shlex.join(parts)
+    return lablib_run_command("notebooks/07_corr2cause.ipynb", preset, parameters)
 
 
 def relation_rows(per_seed_scores: dict[int, dict[str, Any]], set_name: str,

@@ -16,8 +16,6 @@ Notable here:
 from __future__ import annotations
 
 import copy
-import json
-import shlex
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
@@ -153,11 +151,10 @@ def trivial_rule_scores(data: ReversalData, groups: dict[str, Sequence[tuple[str
 
 
 def run_command(preset: str, parameters: dict[str, Any]) -> str:
-    """The `lablib run` command line of notebook 06 with these parameters (JSON values)."""
-    parts = ["lablib", "run", "notebooks/06_reversal_and_tracing.ipynb", "--preset", preset]
-    for name, value in sorted(parameters.items()):
-        parts += ["-p", name, value if isinstance(value, str) else json.dumps(value)]
-    return shlex.join(parts)
+    """The `lablib run` command line of notebooks/06_reversal_and_tracing.ipynb with these parameters."""
+    from lablib.report import lablib_run_command
+
+    return lablib_run_command("notebooks/06_reversal_and_tracing.ipynb", preset, parameters)
 
 
 POSITION_LABELS = ["<eos>", "subject (first)", "subject (last)", *FORWARD_RELATION.split()]

@@ -35,6 +35,7 @@ from lablib.config import ConfigError, TrainConfig, knob
 from lablib.models import TabularPFN, TabularPFNConfig
 from lablib.seeding import seeded_model
 from lablib.tasks.scm_prior import FEATURE_CLIP, TabularPrior
+from lablib.tasks.synthetic_tables import FAMILIES, SIZES, TEST_ROWS
 from lablib.train import TrainResult, train
 
 
@@ -183,13 +184,19 @@ class TabularICLConfig(TabularPFNConfig, TrainConfig):
     curve_test_fraction: float = knob(0.25, "many-shot curve: held-out fraction (small, so digits reaches 1024 rows)",
                                       min=0.0, max=1.0, min_exclusive=True)
     curve_repeats: int = knob(3, "random contexts per point of the many-shot curve", min=1)
+    seeds: list[int] = knob([0, 1, 2], "pretraining seeds (initialisation and prior draws) of every PFN")
+    table_families: list[str] = knob(list(FAMILIES), "families of the harder synthetic tables")
+    table_sizes: list[int] = knob(list(SIZES), "training rows of the harder tables (small-n regimes)")
+    tables_per_cell: int = knob(10, "harder tables per (family, training rows), split into dev and test", min=1)
+    table_test_rows: int = knob(TEST_ROWS, "held-out rows of every harder table", min=4)
+    tie_margin: float = knob(0.01, "win/tie/loss: a table is a tie when |ROC AUC difference| < this", min=0.0)
 
     presets: ClassVar[dict] = {
         # seconds: plumbing only
         "smoke": dict(n_layer=1, n_head=2, d_model=32, max_features=8, max_classes=10, seq_len=64, batch_size=4,
                       steps=10, warmup_steps=2, log_every=5, eval_every=5, eval_batches=1, checkpoint_every=10,
                       datasets=["iris", "wine"], n_splits=1, n_ensemble=2, curve_max_rows=32, curve_repeats=1,
-                      compare_prior="mlp"),
+                      compare_prior="mlp", seeds=[0, 1], table_sizes=[16, 32], tables_per_cell=2, table_test_rows=64),
         # minutes on 2 cores: pretraining of both priors and the evaluation well within 30 minutes
         "cpu": dict(n_layer=4, n_head=4, d_model=64, max_features=16, max_classes=10, seq_len=128, batch_size=16,
                     steps=2000, warmup_steps=100, learning_rate=2e-3, log_every=25, eval_every=250, eval_batches=4,
@@ -211,39 +218,57 @@ class TabularICLConfig(TabularPFNConfig, TrainConfig):
             raise ConfigError(f"parameter 'max_classes': digits has 10 classes, expected >= 10, got {self.max_classes}")
         if self.seq_len < 32:
             raise ConfigError(f"parameter 'seq_len': rows per prior task, expected >= 32, got {self.seq_len}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"parameter 'seeds': expected distinct seeds, got {self.seeds}")
+        unknown = [f for f in self.table_families if f not in FAMILIES]
+        if unknown or not self.table_families:
+            raise ConfigError(f"parameter 'table_families': expected a non-empty list from {', '.join(FAMILIES)}, "
+                              f"got {self.table_families!r}")
+        if not self.table_sizes or min(self.table_sizes) < 4:
+            raise ConfigError(f"parameter 'table_sizes': expected training rows >= 4, got {self.table_sizes!r}")
 
     def prior_source(self, kind: str) -> TabularPrior:
         return TabularPrior(kind=kind, n_rows=self.seq_len, max_features=self.max_features,
                             max_classes=self.max_classes)
 
 
-def build_pfn(cfg: TabularICLConfig) -> TabularPFN:
-    return seeded_model(TabularPFN, cfg.project(TabularPFNConfig), cfg.seed)
+def build_pfn(cfg: TabularICLConfig, seed: int | None = None) -> TabularPFN:
+    """The PFN of cfg's architecture, initialised from `seed` (default cfg.seed)."""
+    return seeded_model(TabularPFN, cfg.project(TabularPFNConfig), cfg.seed if seed is None else seed)
 
 
 @dataclass
 class Pretrained:
     kind: str
+    seed: int
     model: TabularPFN
+    untrained: TabularPFN  # the same initialisation before any step (the step-0 baseline)
     result: TrainResult
     folder: Path
 
 
-def pretrain_pfn(cfg: TabularICLConfig, folder: str | Path, kind: str, progress: bool = True) -> Pretrained:
-    """Train a PFN on prior `kind` into `folder` (a run folder; resumes from its newest checkpoint).
+def pretrain_pfn(cfg: TabularICLConfig, folder: str | Path, kind: str, seed: int | None = None,
+                 progress: bool = True) -> Pretrained:
+    """Train a PFN on prior `kind` with `seed` (default cfg.seed) into `folder` (a run folder; resumes
+    from its newest checkpoint).
 
     Held-out loss is measured on fixed prior batches drawn with another seed than training's.
     """
+    import copy
+    import dataclasses
+
     from lablib.runs import Run
 
+    seed = cfg.seed if seed is None else seed
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     prior = cfg.prior_source(kind)
-    val = [prior.batch(i, cfg.batch_size, seed=cfg.seed + 1_000) for i in range(cfg.eval_batches)]
-    model = build_pfn(cfg)
-    result = train(model, InContextClassification(), prior, cfg.project(TrainConfig), Run(folder), val=val,
-                   progress=progress)
-    return Pretrained(kind, model.eval(), result, folder)
+    val = [prior.batch(i, cfg.batch_size, seed=seed + 1_000) for i in range(cfg.eval_batches)]
+    model = build_pfn(cfg, seed)
+    untrained = copy.deepcopy(model).eval()
+    train_cfg = dataclasses.replace(cfg.project(TrainConfig), seed=seed)
+    result = train(model, InContextClassification(), prior, train_cfg, Run(folder), val=val, progress=progress)
+    return Pretrained(kind, seed, model.eval(), untrained, result, folder)
 
 
 def prior_throughput(prior: TabularPrior, batch_size: int, batches: int = 20, seed: int = 0) -> float:
@@ -358,3 +383,215 @@ def many_shot_curve(methods: dict[str, Any], datasets: list[str], max_rows: int,
             rows.append({"dataset": name, "context_rows": n, "repeat": repeat, "method": method,
                          **score_method(make, X_train, y_train, X_test, y_test, seed=repeat)})
     return rows
+
+
+# --- the harder synthetic tables: tuned baselines, choices on dev, paired differences ----------------
+
+class OneFeatureRule(ClassifierMixin, BaseEstimator):
+    """The strongest trivial rule of a binary table: score every row by the one feature (and sign)
+    whose ROC AUC on the training rows is furthest from 0.5."""
+
+    def fit(self, X, y):
+        from sklearn.metrics import roc_auc_score
+
+        X, y = validate_data(self, X, y, dtype=np.float64)
+        self.classes_, y_encoded = np.unique(y, return_inverse=True)
+        if len(self.classes_) != 2:
+            raise ValueError(f"OneFeatureRule: expected two classes, got {len(self.classes_)}")
+        aucs = np.array([roc_auc_score(y_encoded, X[:, j]) for j in range(X.shape[1])])
+        self.feature_ = int(np.argmax(np.abs(aucs - 0.5)))
+        self.sign_ = 1.0 if aucs[self.feature_] >= 0.5 else -1.0
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=np.float64, reset=False)
+        p = 1.0 / (1.0 + np.exp(-np.clip(self.sign_ * X[:, self.feature_], -50, 50)))  # monotone: AUC is the rule's
+        return np.stack([1 - p, p], axis=1)
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[(self.predict_proba(X)[:, 1] > 0.5).astype(int)]
+
+
+def _tuned_grids() -> dict[str, tuple[Any, list[dict[str, Any]]]]:
+    from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+
+    return {  # name -> (make(seed, n_train_rows, **point), grid points); chosen per family on dev tables
+        "logreg": (lambda seed, n, C: _scaled(LogisticRegression(C=C, max_iter=2000)),
+                   [{"C": c} for c in (0.01, 0.1, 1.0, 10.0, 100.0)]),
+        "knn": (lambda seed, n, k: _scaled(KNeighborsClassifier(n_neighbors=min(k, n))),
+                [{"k": k} for k in (1, 3, 5, 9, 15)]),
+        "random_forest": (lambda seed, n, max_depth: RandomForestClassifier(n_estimators=100, max_depth=max_depth,
+                                                                            random_state=seed, n_jobs=1),
+                          [{"max_depth": d} for d in (2, 4, None)]),
+        "gradient_boosting": (lambda seed, n, max_depth: GradientBoostingClassifier(max_depth=max_depth,
+                                                                                    random_state=seed),
+                              [{"max_depth": d} for d in (1, 2, 3)]),
+    }
+
+
+TUNED_GRIDS = _tuned_grids()
+
+
+def point_name(point: dict[str, Any]) -> str:
+    """A grid point as text: 'C=0.1', 'max_depth=None', '' for no knobs."""
+    return ",".join(f"{k}={v}" for k, v in point.items())
+
+
+def score_tables(make, points: list[dict[str, Any]], tables, method: str, seed: int | None = None,
+                 progress: bool = False) -> list[dict[str, Any]]:
+    """One row per (table, grid point): the method's ROC AUC on the table's held-out rows.
+
+    make(seed, n_train_rows, **point) builds a fresh classifier; seed None uses each table's own
+    seed (deterministic baselines), an int is the model's seed (in-context models)."""
+    from tqdm.auto import tqdm
+
+    from lablib.tasks.synthetic_tables import table_seed
+
+    rows = []
+    for t in tqdm(tables, desc=method, disable=not progress):
+        run_seed = table_seed(t.key) % 2**31 if seed is None else seed
+        for point in points:
+            scores = score_method(lambda s, n: make(s, n, **point), t.X_train, t.y_train, t.X_test, t.y_test,
+                                  seed=run_seed)
+            rows.append({"table": t.key, "family": t.family, "n_train": t.n_train, "split": t.split,
+                         "method": method, "seed": seed, "point": point_name(point), **scores})
+    return rows
+
+
+def choose_on_dev(rows: list[dict[str, Any]], by: str = "family") -> dict[tuple[str, str], str]:
+    """(method, family) -> the grid point with the highest mean ROC AUC over that family's dev tables.
+
+    Only rows with split 'dev' are read; ties go to the point listed first."""
+    means: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for r in rows:
+        if r["split"] == "dev":
+            means.setdefault((r["method"], r[by]), {}).setdefault(r["point"], []).append(r["roc_auc"])
+    if not means:
+        raise ValueError("choose_on_dev: expected rows of dev tables, got none")
+    return {cell: max(points, key=lambda p: (np.mean(points[p]), -list(points).index(p)))
+            for cell, points in means.items()}
+
+
+def evaluate_tuned(name: str, make, points: list[dict[str, Any]], tables, seed: int | None = None,
+                   progress: bool = False) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """Tune `points` on the dev tables (one choice per family), then score only the chosen point on
+    the test tables. Returns (family -> chosen point, rows of the dev grid and of the test tables)."""
+    dev = [t for t in tables if t.split == "dev"]
+    test = [t for t in tables if t.split == "test"]
+    dev_rows = score_tables(make, points, dev, name, seed, progress)
+    chosen = {family: point for (_, family), point in choose_on_dev(dev_rows).items()}
+    missing = sorted({t.family for t in test} - set(chosen))
+    if missing:
+        raise ValueError(f"{name}: no dev table of {', '.join(missing)} to choose its grid point on")
+    by_name = {point_name(p): p for p in points}
+    test_rows = []
+    for family, point in chosen.items():
+        test_rows += score_tables(make, [by_name[point]], [t for t in test if t.family == family], name, seed,
+                                  progress)
+    return chosen, dev_rows + test_rows
+
+
+def per_table(rows: list[dict[str, Any]], method: str, split: str = "test") -> dict[str, float]:
+    """table -> ROC AUC of `method` on `split`, averaged over its seeds (in-context models) if several."""
+    out: dict[str, list[float]] = {}
+    for r in rows:
+        if r["method"] == method and r["split"] == split:
+            out.setdefault(r["table"], []).append(r["roc_auc"])
+    return {t: float(np.mean(v)) for t, v in out.items()}
+
+
+def win_tie_loss(a: dict[str, float], b: dict[str, float], margin: float) -> dict[str, int]:
+    """Counts over the tables both score: a wins when a - b >= margin, loses when <= -margin, else a tie."""
+    diffs = [a[t] - b[t] for t in sorted(set(a) & set(b))]
+    tie = [abs(d) < margin or d == 0 for d in diffs]
+    return {"wins": sum(d > 0 and not t for d, t in zip(diffs, tie)), "ties": sum(tie),
+            "losses": sum(d < 0 and not t for d, t in zip(diffs, tie))}
+
+
+def paired_comparison(a: dict[str, float], b: dict[str, float], margin: float) -> dict[str, Any]:
+    """a minus b over the tables both score: the paired mean difference with its 95% t interval over
+    tables (`lablib.evidence.paired_difference`) and the win/tie/loss counts."""
+    from lablib.evidence import paired_difference
+
+    return {"difference": paired_difference(a, b).to_dict(), **win_tie_loss(a, b, margin), "tie_margin": margin}
+
+
+def family_means(rows: list[dict[str, Any]], method: str, seed: int | None, split: str = "test") -> dict[str, float]:
+    """family -> mean ROC AUC of `method` (one seed of it) over the family's tables of `split`, plus 'all'."""
+    picked = [r for r in rows if r["method"] == method and r["split"] == split and r["seed"] == seed]
+    if not picked:
+        raise ValueError(f"no {split} rows of method {method!r} with seed {seed!r}")
+    out = {f: float(np.mean([r["roc_auc"] for r in picked if r["family"] == f]))
+           for f in sorted({r["family"] for r in picked})}
+    out["all"] = float(np.mean([r["roc_auc"] for r in picked]))
+    return out
+
+
+def comparison(rows: list[dict[str, Any]], model: str, seeds: list[int], references: dict[str, int | None],
+               margin: float) -> list[dict[str, Any]]:
+    """Rows (group, reference): `model` minus each reference on the test tables, per family and over all.
+
+    references maps a method to its seed (None for deterministic baselines, "paired" for a model
+    with the same seeds). Each row holds the model's mean ROC AUC over seeds (t interval), the
+    reference's, the difference paired over tables (the model's seed-mean per table; t interval over
+    tables) and paired over seeds (family means; t interval over seeds), and win/tie/loss over tables."""
+    from lablib.evidence import mean_interval, paired_difference
+
+    mine = {s: family_means(rows, model, s) for s in seeds}
+    groups = list(mine[seeds[0]])
+    out = []
+    for ref, ref_seed in references.items():
+        theirs = {s: family_means(rows, ref, s if ref_seed == "paired" else ref_seed) for s in seeds}
+        for g in groups:
+            in_group = lambda table: g == "all" or table.split("/")[0] == g  # noqa: E731
+            a = {t: v for t, v in per_table(rows, model).items() if in_group(t)}
+            b = {t: v for t, v in per_table(rows, ref).items() if in_group(t)}
+            over_tables = paired_comparison(a, b, margin)
+            out.append({"group": g, "reference": ref, "tables": len(set(a) & set(b)),
+                        "model_roc_auc": mean_interval([mine[s][g] for s in seeds]).to_dict(),
+                        "reference_roc_auc": mean_interval([theirs[s][g] for s in seeds]).to_dict(),
+                        "difference_over_tables": over_tables["difference"],
+                        "difference_over_seeds": paired_difference({s: mine[s][g] for s in seeds},
+                                                                   {s: theirs[s][g] for s in seeds}).to_dict(),
+                        **{k: over_tables[k] for k in ("wins", "ties", "losses", "tie_margin")}})
+    return out
+
+
+def icl_grid() -> list[dict[str, Any]]:
+    """The in-context classifier's choices made on dev (per family, like the baselines'): its scaling."""
+    return [{"scaling": s} for s in SCALERS]
+
+
+def best_on_dev(rows: list[dict[str, Any]], chosen: dict[str, dict[str, str]]) -> str:
+    """The baseline whose chosen grid points score the highest mean ROC AUC over all dev tables.
+
+    chosen: method -> family -> its chosen point (from `evaluate_tuned`)."""
+    def dev_mean(method: str) -> float:
+        picked = [r["roc_auc"] for r in rows if r["method"] == method and r["split"] == "dev"
+                  and r["point"] == chosen[method][r["family"]]]
+        return float(np.mean(picked))
+
+    return max(chosen, key=dev_mean)
+
+
+def headline_over_seeds(metric: str, value: dict[int, float], references: dict[str, dict[int, float]],
+                        trivial_rule: str, split: str = "test") -> dict[str, Any]:
+    """The lab's headline (`lablib.evidence.aggregate_seeds`): value and each reference point (chance,
+    untrained, trivial, then others) over seeds with 95% t intervals, and paired differences."""
+    from lablib.evidence import Baselines, Headline, aggregate_seeds
+
+    names = ("chance", "untrained", "trivial")
+    per_seed = {s: Headline.of(metric, value[s], Baselines.of(*(references[n][s] for n in names), trivial_rule,
+                                                             **{k: v[s] for k, v in references.items() if k not in names}),
+                               split) for s in value}
+    return aggregate_seeds(per_seed).to_dict()
+
+
+def run_command(preset: str, parameters: dict[str, Any]) -> str:
+    """The `lablib run` command line of notebooks/04_tabular_icl.ipynb with these parameters."""
+    from lablib.report import lablib_run_command
+
+    return lablib_run_command("notebooks/04_tabular_icl.ipynb", preset, parameters)

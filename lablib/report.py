@@ -5,7 +5,8 @@ Notable here:
   different seeds) into `results/<experiment>/results.json`: the headline over seeds
   (`lablib.evidence.aggregate_seeds`), each seed's headline and numbers, the command
   that produced each run, every run's provenance and the machine and load it was
-  measured on.
+  measured on. One run that trained every seed itself (its results.json lists `seeds`
+  and holds the headline over them) is collected as it is, with the same additions.
 - `render_readme(text, results)` rewrites only what lies between the README's
   `<!-- results:begin -->` and `<!-- results:end -->` markers; `lablib report --check`
   fails when the committed README differs from what it would write, so a number typed
@@ -110,6 +111,9 @@ def collect(run_dirs: Sequence[str | Path], root: Path | None = None, collected_
             raise ReportError(f"{d}: results.json has no 'headline'; its notebook must write one "
                               "(lablib.evidence.Headline(...).to_dict())")
         runs.append((d, params, results))
+    if len(runs) == 1 and len(runs[0][2].get("seeds") or []) > 1:
+        return _collect_one_run_of_seeds(*runs[0], root, collected_with or shlex.join(
+            ["lablib", "report", "--collect", *map(str, run_dirs)]))
     first_dir, first, _ = runs[0]
     experiment = first["experiment"]
     fixed = {k: v for k, v in first.items() if k not in VARYING}
@@ -134,6 +138,28 @@ def collect(run_dirs: Sequence[str | Path], root: Path | None = None, collected_
            "measured_on": {str(seed): results.get("measured_on") for seed, (_, _, results) in zip(seeds, runs)},
            "per_seed": per_seed}
     path = results_root(root) / experiment / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, json.loads(json.dumps(out, allow_nan=False)))
+    return path
+
+
+def _collect_one_run_of_seeds(d: Path, params: dict[str, Any], results: dict[str, Any], root: Path,
+                              collected_with: str) -> Path:
+    """A run that measured several seeds itself (its results.json lists `seeds` and its headline is
+    already over them): kept as it is, with the command, provenance and machine added per seed."""
+    seeds = list(results["seeds"])
+    headline = Headline.from_dict(results["headline"])
+    if headline.value.n != len(seeds):
+        raise ReportError(f"{d}: results.json lists seeds {seeds} but its headline value is over "
+                          f"n={headline.value.n}; write the headline over the seeds (lablib.evidence.aggregate_seeds)")
+    measured = results.get("measured_on")
+    per_seed_measured = isinstance(measured, dict) and set(measured) == set(map(str, seeds))
+    out = {**results, "experiment": params["experiment"], "preset": params.get("preset"), "seeds": seeds,
+           "split": headline.split, "headline": headline.to_dict(), "commands": [run_command(d, root)],
+           "collected_with": collected_with, "run": str(d.resolve().relative_to(d.resolve().parents[1])),
+           "provenance": {str(seed): params.get("provenance") for seed in seeds},
+           "measured_on": measured if per_seed_measured else {str(seed): measured for seed in seeds}}
+    path = results_root(root) / params["experiment"] / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, json.loads(json.dumps(out, allow_nan=False)))
     return path

@@ -168,3 +168,23 @@ def test_collect_works_on_real_smoke_runs(tmp_path):
     assert data["provenance"]["0"]["git"]["commit"]
     assert {"chance", "untrained", "trivial"} <= set(data["headline"]["baselines"])
     assert "| quickstart |" in (root / "README.md").read_text()
+
+
+def test_collect_keeps_a_run_that_measured_every_seed_itself(tmp_path, lab):
+    root, _ = lab
+    folder = fake_run(tmp_path / "runs" / "all-seeds", 0, 3.85, 7.66)
+    per_seed = {s: Headline.of("held-out loss (nats/token)", loss, Baselines.of(7.62, 7.66, 5.10, "bigram"),
+                               split="val", better="lower") for s, loss in ((0, 3.84), (1, 3.86), (2, 3.85))}
+    from lablib.evidence import aggregate_seeds
+
+    results = {"experiment": "quickstart", "seeds": [0, 1, 2], "headline": aggregate_seeds(per_seed).to_dict(),
+               "curve": [1, 2, 3], "measured_on": {str(s): {"load_average": [1.0, 1.0, 1.0]} for s in (0, 1, 2)}}
+    (folder / "results.json").write_text(json.dumps(results))
+    data = json.loads(collect([folder], root=root).read_text())
+    assert data["seeds"] == [0, 1, 2] and data["headline"]["value"]["n"] == 3 and data["curve"] == [1, 2, 3]
+    assert data["commands"] == ["lablib run notebooks/00_quickstart.ipynb --preset cpu -p seed 0"]
+    assert set(data["provenance"]) == {"0", "1", "2"} and data["measured_on"]["2"]["load_average"] == [1.0, 1.0, 1.0]
+    results["headline"] = per_seed[0].to_dict()  # one seed's value under three seeds: refused
+    (folder / "results.json").write_text(json.dumps(results))
+    with pytest.raises(ReportError, match="n=1"):
+        collect([folder], root=root)

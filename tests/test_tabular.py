@@ -171,3 +171,132 @@ EXPECTED_FAILURES = {
                          expected_failed_checks=lambda est: EXPECTED_FAILURES)
 def test_scikit_learn_estimator_checks(estimator, check):
     check(estimator)
+
+
+# --- the harder synthetic tables ---------------------------------------------------------------------
+
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
+
+from lablib.evidence import mean_interval, split_of  # noqa: E402
+from lablib.experiments import tabular_icl as exp  # noqa: E402
+from lablib.tasks.synthetic_tables import FAMILIES, TEST_ROWS, make_table, make_tables  # noqa: E402
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_table_is_a_function_of_its_name(family):
+    first, again, other = make_table(family, 32, 3), make_table(family, 32, 3), make_table(family, 32, 4)
+    np.testing.assert_array_equal(first.X_train, again.X_train)
+    np.testing.assert_array_equal(first.y_test, again.y_test)
+    assert not np.array_equal(first.X_train, other.X_train)
+    assert first.X_train.shape[0] == 32 and first.X_test.shape[0] == TEST_ROWS
+    assert set(first.y_train) == {0, 1}  # stratified: both classes in the context
+
+
+def test_dev_and_test_tables_are_disjoint_and_named_by_a_stable_hash():
+    tables = make_tables(per_cell=4)
+    keys = [t.key for t in tables]
+    assert len(set(keys)) == len(keys)
+    dev, test = {t.key for t in tables if t.split == "dev"}, {t.key for t in tables if t.split == "test"}
+    assert dev and test and not dev & test and dev | test == set(keys)
+    assert all(t.split == split_of(t.key, 0.5) for t in tables)
+
+
+def test_xor_is_hard_for_a_linear_model_and_for_one_feature():
+    aucs = {"logreg": [], "one feature": []}
+    for i in range(4):
+        t = make_table("xor", 64, i)
+        for name, clf in (("logreg", LogisticRegression()), ("one feature", exp.OneFeatureRule())):
+            aucs[name].append(roc_auc_score(t.y_test, clf.fit(t.X_train, t.y_train).predict_proba(t.X_test)[:, 1]))
+    assert max(aucs["logreg"]) < 0.75 and max(aucs["one feature"]) < 0.75
+
+
+def test_flipped_labels_keep_even_the_generator_below_auc_one():
+    t = make_table("linear_noisy", 64, 0)
+    auc = roc_auc_score(t.y_test, LogisticRegression().fit(t.X_train, t.y_train).predict_proba(t.X_test)[:, 1])
+    assert auc < 0.97
+
+
+def test_make_table_names_a_bad_family():
+    with pytest.raises(ValueError, match="table family"):
+        make_table("spirals", 16, 0)
+
+
+def test_one_feature_rule_finds_the_separating_feature_and_its_sign():
+    rng = np.random.default_rng(0)
+    y = np.arange(40) % 2
+    X = rng.normal(size=(40, 4))
+    X[:, 2] = -3.0 * y + 0.1 * rng.normal(size=40)  # class 1 has the lower values
+    rule = exp.OneFeatureRule().fit(X, y)
+    assert rule.feature_ == 2 and rule.sign_ == -1.0
+    assert roc_auc_score(y, rule.predict_proba(X)[:, 1]) == 1.0
+
+
+def row(table, method, point, split, auc, seed=None):
+    return {"table": table, "family": table.split("/")[0], "split": split, "method": method, "point": point,
+            "seed": seed, "roc_auc": auc}
+
+
+def test_the_grid_point_is_chosen_on_dev_tables_only():
+    rows = [row("xor/n16/0", "knn", "k=1", "dev", 0.6), row("xor/n16/0", "knn", "k=5", "dev", 0.7),
+            row("xor/n16/1", "knn", "k=1", "test", 0.99), row("xor/n16/1", "knn", "k=5", "test", 0.1),
+            row("moons/n16/0", "knn", "k=1", "dev", 0.8), row("moons/n16/0", "knn", "k=5", "dev", 0.8)]
+    assert exp.choose_on_dev(rows) == {("knn", "xor"): "k=5", ("knn", "moons"): "k=1"}  # a tie goes to the first
+
+
+def test_evaluate_tuned_scores_only_the_chosen_point_on_test():
+    tables = [t for t in make_tables(("moons", "xor"), (16,), per_cell=6, test_rows=32)]
+    make = lambda seed, n, C: LogisticRegression(C=C)  # noqa: E731
+    chosen, rows = exp.evaluate_tuned("logreg", make, [{"C": 0.01}, {"C": 10.0}], tables)
+    dev_points = {r["point"] for r in rows if r["split"] == "dev"}
+    assert dev_points == {"C=0.01", "C=10.0"}
+    for r in rows:
+        if r["split"] == "test":
+            assert r["point"] == chosen[r["family"]]
+    assert {r["table"] for r in rows if r["split"] == "test"} == {t.key for t in tables if t.split == "test"}
+
+
+def test_best_baseline_is_chosen_on_dev():
+    rows = [row("xor/n16/0", "a", "", "dev", 0.7), row("xor/n16/1", "a", "", "test", 0.1),
+            row("xor/n16/0", "b", "", "dev", 0.6), row("xor/n16/1", "b", "", "test", 0.9)]
+    assert exp.best_on_dev(rows, {"a": {"xor": ""}, "b": {"xor": ""}}) == "a"
+
+
+def test_win_tie_loss_and_the_paired_difference_on_a_hand_made_example():
+    a = {"t1": 0.90, "t2": 0.800, "t3": 0.70, "t4": 0.60}
+    b = {"t1": 0.80, "t2": 0.805, "t3": 0.75, "t4": 0.60, "t5": 0.5}  # t5: only one side scores it
+    assert exp.win_tie_loss(a, b, 0.01) == {"wins": 1, "ties": 2, "losses": 1}
+    assert exp.win_tie_loss(a, b, 0.0) == {"wins": 1, "ties": 1, "losses": 2}  # only an exact tie is a tie
+    out = exp.paired_comparison(a, b, 0.01)
+    want = mean_interval([0.10, -0.005, -0.05, 0.0])
+    assert out["difference"]["n"] == 4
+    assert out["difference"]["mean"] == pytest.approx(want.mean)
+    assert out["difference"]["low"] == pytest.approx(want.low) and out["difference"]["high"] == pytest.approx(want.high)
+
+
+def test_comparison_pairs_the_model_seed_mean_with_each_table():
+    rows = []
+    for seed, shift in ((0, 0.0), (1, 0.1)):
+        rows += [row("xor/n16/0", "icl", "", "test", 0.6 + shift, seed), row("moons/n16/0", "icl", "", "test", 0.8 + shift, seed)]
+    rows += [row("xor/n16/0", "forest", "", "test", 0.5), row("moons/n16/0", "forest", "", "test", 0.95),
+             row("xor/n16/9", "forest", "", "dev", 0.0)]  # dev rows never enter the comparison
+    out = {(c["group"], c["reference"]): c for c in exp.comparison(rows, "icl", [0, 1], {"forest": None}, 0.01)}
+    assert out["xor", "forest"]["difference_over_tables"]["mean"] == pytest.approx(0.15)  # mean(0.6, 0.7) - 0.5
+    assert out["moons", "forest"]["losses"] == 1 and out["all", "forest"]["tables"] == 2
+    assert out["all", "forest"]["difference_over_tables"]["mean"] == pytest.approx((0.15 - 0.10) / 2)
+    assert out["all", "forest"]["difference_over_seeds"]["mean"] == pytest.approx(0.025)
+    assert out["all", "forest"]["model_roc_auc"]["n"] == 2
+
+
+def test_config_refuses_unknown_table_families_and_repeated_seeds():
+    with pytest.raises(ConfigError, match="table_families"):
+        TabularICLConfig.resolve("smoke", table_families=["spirals"])
+    with pytest.raises(ConfigError, match="seeds"):
+        TabularICLConfig.resolve("smoke", seeds=[1, 1])
+
+
+def test_the_smoke_preset_has_dev_and_test_tables_of_every_family():
+    cfg = TabularICLConfig.resolve("smoke")
+    tables = make_tables(cfg.table_families, tuple(cfg.table_sizes), cfg.tables_per_cell, cfg.table_test_rows)
+    for family in cfg.table_families:
+        assert {t.split for t in tables if t.family == family} == {"dev", "test"}

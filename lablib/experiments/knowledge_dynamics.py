@@ -504,9 +504,10 @@ def measure_cells(per_seed: Mapping[int, SeedTables]) -> list[dict[str, Any]]:
     return rows
 
 
-def fit_cells(per_seed: Mapping[int, SeedTables]) -> list[dict[str, Any]]:
-    """Every (batch_size, split, arm, scenario, kind, form): R², a and b over seeds; for the injected and
-    effect arms also R² minus the control arm's R² of the same cell (paired over seeds)."""
+def fit_cells(per_seed: Mapping[int, SeedTables], parameters_on: Sequence[str] = ("test",)) -> list[dict[str, Any]]:
+    """Every (batch_size, split, arm, scenario, kind, form): R² over seeds, and a and b on the splits in
+    `parameters_on` (dev only chooses a form by its R²); for the injected and effect arms also R² minus
+    the control arm's R² of the same cell (paired over seeds)."""
     long = pd.concat([t.fits.assign(seed=s) for s, t in per_seed.items()], ignore_index=True)
     keys = ["batch_size", "split", "scenario", "kind", "form"]
     control_r2 = {k: dict(zip(g["seed"], g["r2"])) for k, g in long[long["arm"] == "control"].groupby(keys)}
@@ -514,7 +515,8 @@ def fit_cells(per_seed: Mapping[int, SeedTables]) -> list[dict[str, Any]]:
     for (bs, split, arm, scenario, kind, form), g in long.groupby(["batch_size", "split", "arm", "scenario", "kind", "form"]):
         row = {"batch_size": int(bs), "split": split, "arm": arm, "scenario": scenario, "kind": kind, "form": form,
                "formula": FIT_FORMS[form].formula,
-               **{name: _estimate(dict(zip(g["seed"], g[name].astype(float)))) for name in ("r2", "a", "b")}}
+               **{name: _estimate(dict(zip(g["seed"], g[name].astype(float))))
+                  for name in ("r2", "a", "b") if name == "r2" or split in parameters_on}}
         null = control_r2.get((bs, split, scenario, kind, form))
         if arm != "control" and null:
             row["r2_minus_control"] = _paired(dict(zip(g["seed"], g["r2"].astype(float))), null)
@@ -685,6 +687,17 @@ def reference_tables(setup: KnowledgeSetup, cfg: KnowledgeConfig, step0: Mapping
     return tuple(summarise_seed({bs: flat_curves(scores_of(bs), setup.probe_steps) for bs in step0}, setup.schedule,
                                 cfg.lam_window, cfg.retention_bins)
                  for scores_of in (lambda bs: step0[bs], lambda bs: uniform))
+
+
+def compact(obj: Any, digits: int = 6) -> Any:
+    """`obj` with every float rounded to `digits` significant digits (results.json stays small and readable)."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {k: compact(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [compact(v, digits) for v in obj]
+    return obj
 
 
 def run_command(preset: str, parameters: dict[str, Any]) -> str:

@@ -354,11 +354,14 @@ def binned_curves(retention: pd.DataFrame, horizon: int, n_bins: int) -> pd.Data
     keys = ["split", "arm", "scenario", "kind"]
     per_fact = r.groupby([*keys, "fact", "bin"], as_index=False)[["log_t", "gain"]].mean()
     mean = per_fact.groupby([*keys, "bin"], as_index=False)[["log_t", "gain"]].mean()
-    wide = mean.pivot_table(index=["split", "scenario", "kind", "bin"], columns="arm", values=["log_t", "gain"])
-    wide = wide.dropna()
-    effect = pd.DataFrame({"log_t": (wide[("log_t", "injected")] + wide[("log_t", "control")]) / 2,
-                           "gain": wide[("gain", "injected")] - wide[("gain", "control")]}).reset_index()
-    out = pd.concat([mean, effect.assign(arm=EFFECT)], ignore_index=True)
+    parts = [mean]
+    if set(ARMS) <= set(mean["arm"]):
+        wide = mean.pivot_table(index=["split", "scenario", "kind", "bin"], columns="arm", values=["log_t", "gain"])
+        wide = wide.dropna()
+        effect = pd.DataFrame({"log_t": (wide[("log_t", "injected")] + wide[("log_t", "control")]) / 2,
+                               "gain": wide[("gain", "injected")] - wide[("gain", "control")]}).reset_index()
+        parts.append(effect.assign(arm=EFFECT))
+    out = pd.concat(parts, ignore_index=True)
     out["t"] = np.exp(out.pop("log_t"))
     return out.sort_values([*keys, "bin"]).reset_index(drop=True)[[*keys, "bin", "t", "gain"]]
 
@@ -584,10 +587,6 @@ def _mean_over(dicts: Sequence[Mapping[str, float]]) -> dict[str, float]:
     return {s: float(np.mean([d[s] for d in dicts])) for s in seeds}
 
 
-def _diff(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, Any]:
-    return _paired(a, b)
-
-
 def paper_comparisons(measures: Sequence[Mapping[str, Any]], fits: Sequence[Mapping[str, Any]],
                       batch_sizes: Sequence[int], split: str = "test", kind: str = HEADLINE_KIND) -> list[dict[str, Any]]:
     """Chang et al.'s findings as paired quantities over seeds on `split`, each with its verdict."""
@@ -605,29 +604,29 @@ def paper_comparisons(measures: Sequence[Mapping[str, Any]], fits: Sequence[Mapp
     first = _mean_over([effect("acquisition_first", s, small) for s in SCENARIOS])
     claim("one exposure raises the fact's log-probability", "each exposure gives a small increase",
           f"first-exposure acquisition, injected minus control (all scenarios, batch {small})",
-          _diff(first, {s: 0.0 for s in first}), +1)
+          _paired(first, {s: 0.0 for s in first}), +1)
     for scenario in ("duplicated", "paraphrased"):
         total, once = effect("acquisition_total", scenario, small), effect("acquisition_first", scenario, small)
         claim(f"acquisition accumulates over exposures ({scenario})", "the increases accumulate over exposures",
-              f"effect after the last exposure minus after the first ({scenario}, batch {small})", _diff(total, once), +1)
+              f"effect after the last exposure minus after the first ({scenario}, batch {small})", _paired(total, once), +1)
     decays = _mean_over([{s: v for s, v in fit("b", sc, bs).items()} for sc in SCENARIOS for bs in batch_sizes])
     claim("the retained gain decays with t", "forgetting follows a power law in steps",
           "power-law exponent b of the effect curve (mean over scenarios and batch sizes)",
-          _diff(decays, {s: 0.0 for s in decays}), +1)
+          _paired(decays, {s: 0.0 for s in decays}), +1)
     power = _mean_over([fit("r2", sc, bs) for sc in SCENARIOS for bs in batch_sizes])
     expo = _mean_over([fit("r2", sc, bs, "exponential") for sc in SCENARIOS for bs in batch_sizes])
     claim("a power law describes forgetting better than an exponential", "forgetting follows a power law in steps",
           "R² of the power law minus R² of the exponential (effect curves, mean over scenarios and batch sizes)",
-          _diff(power, expo), +1)
+          _paired(power, expo), +1)
     dup = _mean_over([fit("b", "duplicated", bs) for bs in batch_sizes])
     par = _mean_over([fit("b", "paraphrased", bs) for bs in batch_sizes])
     claim("duplicated facts are forgotten faster than paraphrased ones", "duplication forgets faster",
-          "power-law exponent b, duplicated minus paraphrased (mean over batch sizes)", _diff(dup, par), +1)
+          "power-law exponent b, duplicated minus paraphrased (mean over batch sizes)", _paired(dup, par), +1)
     if large != small:
         b_large = _mean_over([fit("b", sc, large) for sc in SCENARIOS])
         b_small = _mean_over([fit("b", sc, small) for sc in SCENARIOS])
         claim("larger batches forget more slowly", "larger batches are more robust to forgetting",
-              f"power-law exponent b, batch {large} minus batch {small} (mean over scenarios)", _diff(b_large, b_small), -1)
+              f"power-law exponent b, batch {large} minus batch {small} (mean over scenarios)", _paired(b_large, b_small), -1)
     return out
 
 

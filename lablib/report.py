@@ -5,8 +5,11 @@ Notable here:
   different seeds) into `results/<experiment>/results.json`: the headline over seeds
   (`lablib.evidence.aggregate_seeds`), each seed's headline and numbers, the command
   that produced each run, every run's provenance and the machine and load it was
-  measured on. One run that trained every seed itself (its results.json lists `seeds`
-  and holds the headline over them) is collected as it is, with the same additions.
+  measured on. A run that measured several seeds itself (its results list `seeds`, with
+  each seed's headline under `per_seed`) counts as one row per seed, and when it is the
+  only run its other tables are kept beside the collected entries. One run that trained
+  every seed itself but keeps only the headline over them (its results list `seeds`,
+  without per-seed headlines) is collected as it is, with the same additions.
 - `render_readme(text, results)` rewrites only what lies between the README's
   `<!-- results:begin -->` and `<!-- results:end -->` markers; `lablib report --check`
   fails when the committed README differs from what it would write, so a number typed
@@ -95,6 +98,14 @@ def _numbers(results: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def _measured_several_seeds(results: dict[str, Any]) -> bool:
+    """Whether one run measured several seeds itself: its results list `seeds` and hold each seed's
+    headline under `per_seed` (notebooks that loop over seeds in one run)."""
+    seeds, per_seed = results.get("seeds"), results.get("per_seed")
+    return (isinstance(seeds, list) and len(seeds) >= 1 and isinstance(per_seed, dict)
+            and all(isinstance(v, dict) and "headline" in v for v in per_seed.values()))
+
+
 def collect(run_dirs: Sequence[str | Path], root: Path | None = None, collected_with: str | None = None) -> Path:
     """Aggregate per-seed run folders of one experiment into results/<experiment>/results.json."""
     root = root or project_root()
@@ -111,36 +122,49 @@ def collect(run_dirs: Sequence[str | Path], root: Path | None = None, collected_
             raise ReportError(f"{d}: results.json has no 'headline'; its notebook must write one "
                               "(lablib.evidence.Headline(...).to_dict())")
         runs.append((d, params, results))
-    if len(runs) == 1 and len(runs[0][2].get("seeds") or []) > 1:
+    if len(runs) == 1 and not _measured_several_seeds(runs[0][2]) and len(runs[0][2].get("seeds") or []) > 1:
         return _collect_one_run_of_seeds(*runs[0], root, collected_with or shlex.join(
             ["lablib", "report", "--collect", *map(str, run_dirs)]))
     first_dir, first, _ = runs[0]
     experiment = first["experiment"]
     fixed = {k: v for k, v in first.items() if k not in VARYING}
-    seeds = []
-    for d, params, _ in runs:
+    rows = []  # (seed, run folder, params, that seed's headline, its numbers, measured_on)
+    for d, params, results in runs:
         differ = sorted(k for k in set(fixed) | set(params) if k not in VARYING and params.get(k) != fixed.get(k))
         if differ:
             raise ReportError(f"{d} differs from {first_dir} in {', '.join(differ)}; "
                               "a reference result collects runs that differ only in the seed")
-        seeds.append(params.get("seed"))
+        if _measured_several_seeds(results):
+            for seed in results["seeds"]:
+                own = results["per_seed"].get(str(seed))
+                if not isinstance(own, dict) or "headline" not in own:
+                    raise ReportError(f"{d}: results.json lists seed {seed} but its per_seed entry has no 'headline'")
+                rows.append((seed, d, params, own["headline"], _numbers(own),
+                             results.get("measured_on", {}).get(str(seed))))
+        else:
+            rows.append((params.get("seed"), d, params, results["headline"], _numbers(results), results.get("measured_on")))
+    seeds = [row[0] for row in rows]
     if len(set(map(str, seeds))) != len(seeds):
         raise ReportError(f"--collect: each seed once, got seeds {seeds}")
     per_seed = {str(seed): {"run": str(d.resolve().relative_to(d.resolve().parents[1])),
-                            "command": run_command(d, root), "headline": results["headline"],
-                            "results": _numbers(results)}
-                for seed, (d, _, results) in zip(seeds, runs)}
+                            "command": run_command(d, root), "headline": head, "results": numbers}
+                for seed, d, _, head, numbers, _ in rows}
     headline = aggregate_seeds({seed: row["headline"] for seed, row in per_seed.items()})
     out = {"experiment": experiment, "preset": first.get("preset"), "seeds": seeds, "split": headline.split,
-           "headline": headline.to_dict(), "commands": [row["command"] for row in per_seed.values()],
+           "headline": headline.to_dict(), "commands": list(dict.fromkeys(row["command"] for row in per_seed.values())),
            "collected_with": collected_with or shlex.join(["lablib", "report", "--collect", *map(str, run_dirs)]),
-           "provenance": {str(seed): params.get("provenance") for seed, (_, params, _) in zip(seeds, runs)},
-           "measured_on": {str(seed): results.get("measured_on") for seed, (_, _, results) in zip(seeds, runs)},
+           "provenance": {str(seed): params.get("provenance") for seed, _, params, *_ in rows},
+           "measured_on": {str(seed): measured for seed, *_, measured in rows},
            "per_seed": per_seed}
+    if len(runs) == 1 and _measured_several_seeds(runs[0][2]):  # the run's own tables (fits, comparisons, ...) stay
+        out = {**{k: v for k, v in runs[0][2].items() if k not in out}, **out}
     path = results_root(root) / experiment / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, json.loads(json.dumps(out, allow_nan=False)))
     return path
+
+
+# --- reading and rendering ---------------------------------------------------------------------
 
 
 def _collect_one_run_of_seeds(d: Path, params: dict[str, Any], results: dict[str, Any], root: Path,
@@ -166,6 +190,7 @@ def _collect_one_run_of_seeds(d: Path, params: dict[str, Any], results: dict[str
 
 
 # --- reading and rendering ---------------------------------------------------------------------
+
 
 def load_results(root: Path | None = None) -> dict[str, dict[str, Any]]:
     """Every committed results/<experiment>/results.json, by experiment name (sorted)."""

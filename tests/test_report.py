@@ -188,3 +188,20 @@ def test_collect_keeps_a_run_that_measured_every_seed_itself(tmp_path, lab):
     (folder / "results.json").write_text(json.dumps(results))
     with pytest.raises(ReportError, match="n=1"):
         collect([folder], root=root)
+def test_collect_expands_a_run_that_measured_several_seeds_itself(tmp_path):
+    root = tmp_path / "lab"
+    root.mkdir()
+    (root / "pyproject.toml").write_text('[project]\nname = "lablib"\n')
+    folder = fake_run(tmp_path / "runs" / "multi", 0, 3.85, 7.66)
+    heads = {s: Headline.of("held-out loss (nats/token)", loss, Baselines.of(7.62, 7.66, 5.10, "bigram", unigram=6.20),
+                            split="val", better="lower").to_dict() for s, loss in ((0, 3.84), (1, 3.86), (2, 3.85))}
+    results = json.loads((folder / "results.json").read_text())
+    results.update(seeds=[0, 1, 2], per_seed={str(s): {"headline": h, "steps": 10} for s, h in heads.items()},
+                   fits=[{"form": "power law"}], measured_on={str(s): {"load_average": [1.0, 1.0, s]} for s in heads})
+    (folder / "results.json").write_text(json.dumps(results))
+    data = json.loads(collect([folder], root=root).read_text())
+    assert data["seeds"] == [0, 1, 2] and len(data["commands"]) == 1
+    assert Headline.from_dict(data["headline"]).value.n == 3
+    assert data["per_seed"]["1"]["results"] == {"steps": 10}
+    assert data["measured_on"]["2"]["load_average"][2] == 2
+    assert data["fits"] == [{"form": "power law"}]  # the run's own tables are kept

@@ -709,3 +709,63 @@ class TabularPFN(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per row (the training loop's 'token'); see Transformer.flops_per_token."""
         return self.transformer.flops_per_token(seq_len) + 6 * self.row_encoder.weight.numel()
+
+
+# --- in-context regression: (x, y) pairs as vectors ----------------------------------------------
+# `Transformer` over ready-made embeddings, as in Garg et al. 2022 and Raventós et al. 2023: the
+# sequence interleaves x_1, y_1, x_2, y_2, ...; one linear read-in maps an x token [x, 0] and a y
+# token [0, ..., 0, y] to the residual stream, plus the embedding of the token's type (0: x, 1: y;
+# the transformer's own vocabulary of two). A linear read-out at each x token predicts its y from the
+# pairs before it (causal mask). Hook points keep their names under `transformer.`.
+
+@dataclass
+class ICLRegressorConfig(ModelConfig):
+    """The transformer knobs plus the dimension of x and the longest context."""
+
+    n_dims: int = knob(8, "dimension d of x", min=1)
+    n_points: int = knob(16, "longest sequence in (x, y) pairs; max_seq_len is set to 2 * n_points", min=1)
+    vocab_size: int = knob(2, "token types: x and y (set)", min=2)
+    tie_embeddings: bool = knob(True, "the unused unembedding shares the type embedding (no extra weights)")
+
+    def __post_init__(self):
+        self.vocab_size = 2
+        self.max_seq_len = 2 * self.n_points
+
+
+@register_model
+class ICLRegressor(nn.Module):
+    """(B, T, d) xs and (B, T) ys -> (B, T) predictions of y_t from (x_1, y_1, ..., x_t)."""
+
+    config_class = ICLRegressorConfig
+
+    def __init__(self, cfg: ICLRegressorConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.read_in = nn.Linear(cfg.n_dims + 1, cfg.d_model)
+        self.transformer = Transformer(cfg)
+        self.read_out = nn.Linear(cfg.d_model, 1)
+        init_like_transformer(nn.ModuleList([self.read_in, self.read_out]), cfg.n_layer)
+
+    def embed_pairs(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        """(B, 2T, d_model): x_1, y_1, x_2, y_2, ... as read-in vectors plus their type embedding."""
+        B, T, d = xs.shape
+        if d != self.cfg.n_dims:
+            raise ValueError(f"xs: this model reads x of dimension n_dims={self.cfg.n_dims}, got {d}")
+        if ys.shape != (B, T):
+            raise ValueError(f"ys: expected shape {(B, T)} to match xs, got {tuple(ys.shape)}")
+        x_tok = F.pad(xs, (0, 1))
+        y_tok = F.pad(ys[..., None], (d, 0))
+        tokens = torch.stack([x_tok, y_tok], dim=2).reshape(B, 2 * T, d + 1)
+        types = torch.arange(2 * T, device=xs.device) % 2
+        return self.read_in(tokens) + self.transformer.embed(types)[None]
+
+    def forward(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        h = self.transformer.trunk(embeds=self.embed_pairs(xs, ys), mask="causal")
+        return self.read_out(self.transformer.ln_final(h[:, 0::2]))[..., 0]  # the x tokens' predictions
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per (x, y) pair (the training loop's 'token': seq_len is n_points): two tokens each."""
+        return 2 * self.transformer.flops_per_token(2 * seq_len)

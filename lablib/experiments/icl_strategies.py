@@ -17,8 +17,8 @@ Notable here:
   `exp(log_a) * N^(1 - alpha) * dL(M) - exp(log_b) * (M d)^beta`, with N training sequences seen,
   dL the per-sample loss advantage of dMMSE over ridge on the training distribution and M d the
   numbers the memorizing strategy stores; the model's output is the posterior-weighted mix of the
-  two predictors. `fit_rational` fits the four parameters on dev cells; `rational_scores` scores
-  held-out cells on test items.
+  two predictors. `fit_rational` fits the four parameters on dev cells to the models' relative
+  distance d_dMMSE / (d_dMMSE + d_ridge); `rational_scores` scores held-out cells on test items.
 - `transition_pool_size`: where the distance to ridge falls below the distance to dMMSE.
 """
 
@@ -172,6 +172,7 @@ class TrainedPoint:
     seconds: float
     n_params: int
     folder: str | None
+    resumed_from: int | None  # the checkpoint step training resumed from (None: from scratch)
 
 
 def train_point(cfg: ICLStrategiesConfig, M: int, seed: int, sets: dict[str, EvalSet], run=None, *,
@@ -194,7 +195,7 @@ def train_point(cfg: ICLStrategiesConfig, M: int, seed: int, sets: dict[str, Eva
         rows = [r for r in sub.log.rows() if "fresh_test/d_dmmse" in r]
     by_step = {r["step"]: {k: v for k, v in r.items() if k == "step" or "/" in k} for r in rows}
     return TrainedPoint(M, seed, [by_step[s] for s in sorted(by_step)], result.seconds, model.num_params(),
-                        None if sub is None else str(sub.path))
+                        None if sub is None else str(sub.path), result.resumed_from)
 
 
 def reference_scores(sets: dict[str, EvalSet]) -> dict[str, dict[str, float]]:
@@ -236,13 +237,18 @@ class RationalModel:
         return dataclasses.asdict(self)
 
 
-def fit_rational(N: np.ndarray, dL: np.ndarray, K: np.ndarray, mix: np.ndarray, weight: np.ndarray | None = None,
-                 starts: int = 24, seed: int = 0) -> RationalModel:
-    """Least squares of the predicted P(dMMSE) against observed mixing weights, `weight` per cell
-    (the dMMSE-ridge gap: where both strategies agree the weight says nothing), from several starts."""
+def fit_rational(N: np.ndarray, dL: np.ndarray, K: np.ndarray, observed: np.ndarray, weight: np.ndarray | None = None,
+                 target=None, starts: int = 24, seed: int = 0) -> RationalModel:
+    """Least squares of target(P(dMMSE)) against `observed` per cell, from several starts.
+
+    target: what the posterior predicts about a cell (None: P(dMMSE) itself, against mixing weights;
+    `predicted_relative_distance` against relative distances). weight: per cell (the dMMSE-ridge gap:
+    where both strategies agree a cell says nothing about which one the model follows).
+    """
     from scipy.optimize import least_squares
 
-    N, dL, K, mix = (np.asarray(v, dtype=float) for v in (N, dL, K, mix))
+    target = target or (lambda p: p)
+    N, dL, K, mix = (np.asarray(v, dtype=float) for v in (N, dL, K, observed))
     w = np.ones_like(mix) if weight is None else np.sqrt(np.asarray(weight, dtype=float) / np.mean(weight))
     if not (N.shape == dL.shape == K.shape == mix.shape == w.shape) or N.size < len(PARAMS):
         raise ValueError(f"fit_rational: expected equal-length arrays of at least {len(PARAMS)} cells, got shapes "
@@ -255,7 +261,7 @@ def fit_rational(N: np.ndarray, dL: np.ndarray, K: np.ndarray, mix: np.ndarray, 
     for i in range(starts):
         x0 = np.array([scale_a + rng.normal(0, 3), rng.uniform(0, 1), scale_b + rng.normal(0, 3), rng.uniform(0, 2)])
         x0 = np.clip(x0, lo + 1e-6, hi - 1e-6)
-        res = least_squares(lambda x: w * (RationalModel(*x).memorizing(N, dL, K) - mix), x0, bounds=(lo, hi))
+        res = least_squares(lambda x: w * (target(RationalModel(*x).memorizing(N, dL, K)) - mix), x0, bounds=(lo, hi))
         if best is None or res.cost < best.cost:
             best = res
     return RationalModel(*map(float, best.x))
@@ -282,19 +288,43 @@ def cell_table(points: Sequence[TrainedPoint], refs: dict[tuple[int, int], dict[
     return rows
 
 
-def rational_scores(model: RationalModel, cells: list[dict[str, Any]], set_name: str) -> dict[str, float]:
-    """On cells of one set: R^2 of the mixing weight and of the two distances (pooled) the rational model predicts.
+def relative_distance(d_dmmse, d_ridge) -> np.ndarray:
+    """d_dmmse / (d_dmmse + d_ridge): 0 at dMMSE, 1 at ridge, 1/2 halfway (or wherever both are equally far)."""
+    d_dmmse, d_ridge = np.asarray(d_dmmse, float), np.asarray(d_ridge, float)
+    return d_dmmse / np.maximum(d_dmmse + d_ridge, 1e-300)
+
+
+def predicted_relative_distance(p) -> np.ndarray:
+    """The relative distance of the mix p dMMSE + (1-p) ridge: (1-p)^2 / ((1-p)^2 + p^2)."""
+    p = np.asarray(p, float)
+    return (1 - p) ** 2 / ((1 - p) ** 2 + p ** 2)
+
+
+def _observed(cells: list[dict[str, Any]], set_name: str) -> dict[str, np.ndarray]:
+    get = lambda key: np.array([c[f"{set_name}/{key}"] for c in cells], float)  # noqa: E731
+    return {"d_dmmse": get("d_dmmse"), "d_ridge": get("d_ridge"), "mix": get("mix"), "gap": get("gap"),
+            "relative": relative_distance(get("d_dmmse"), get("d_ridge"))}
+
+
+def rational_scores(model: RationalModel, cells: list[dict[str, Any]], set_name: str,
+                    constant_relative: float | None = None) -> dict[str, float]:
+    """On cells of one set: the share of variance (R^2) the rational model explains in the relative distance
+    (the headline), in the two distances pooled and in the mixing weight.
 
     The rational model's output p dMMSE + (1-p) ridge is (1-p)^2 * gap from dMMSE and p^2 * gap from
-    ridge (mean squared), gap = MSE(dMMSE, ridge) on the set.
+    ridge (mean squared), gap = MSE(dMMSE, ridge) on the set; a model off that segment is further from
+    both, which the distances count and the relative distance largely cancels. constant_relative: also
+    score a rule that predicts this one relative distance everywhere (the fit cells' mean).
     """
     p = model.memorizing([c["N"] for c in cells], [c["dL"] for c in cells], [c["K"] for c in cells])
-    gap = np.array([c[f"{set_name}/gap"] for c in cells])
-    obs_d = np.array([c[f"{set_name}/d_dmmse"] for c in cells])
-    obs_r = np.array([c[f"{set_name}/d_ridge"] for c in cells])
-    mix = np.array([c[f"{set_name}/mix"] for c in cells])
-    return {"r2_distances": r_squared(np.concatenate([obs_d, obs_r]), np.concatenate([(1 - p) ** 2 * gap, p ** 2 * gap])),
-            "r2_mix": r_squared(mix, p), "cells": len(cells)}
+    o = _observed(cells, set_name)
+    out = {"r2_relative": r_squared(o["relative"], predicted_relative_distance(p)),
+           "r2_distances": r_squared(np.concatenate([o["d_dmmse"], o["d_ridge"]]),
+                                     np.concatenate([(1 - p) ** 2 * o["gap"], p ** 2 * o["gap"]])),
+           "r2_mix": r_squared(o["mix"], p), "cells": len(cells)}
+    if constant_relative is not None:
+        out["r2_relative_constant"] = r_squared(o["relative"], np.full(len(cells), constant_relative))
+    return out
 
 
 def split_cells(cells: list[dict[str, Any]], cfg: ICLStrategiesConfig) -> dict[str, list[dict[str, Any]]]:
@@ -311,13 +341,16 @@ def fit_and_score(cells: list[dict[str, Any]], cfg: ICLStrategiesConfig) -> dict
     """The rational model fitted on one seed's fit cells (fresh dev items), scored on held-out cells (test items)."""
     parts = split_cells(cells, cfg)
     fit = parts["fit"]
+    o = _observed(fit, "fresh_dev")
     model = fit_rational(np.array([c["N"] for c in fit]), np.array([c["dL"] for c in fit]),
-                         np.array([c["K"] for c in fit]), np.array([c["fresh_dev/mix"] for c in fit]),
-                         weight=np.array([c["fresh_dev/gap"] for c in fit]))
-    out: dict[str, Any] = {"params": model.to_dict(), "fit_dev": rational_scores(model, fit, "fresh_dev")}
+                         np.array([c["K"] for c in fit]), o["relative"], weight=o["gap"],
+                         target=predicted_relative_distance)
+    constant = float(np.mean(o["relative"]))
+    out: dict[str, Any] = {"params": model.to_dict(), "fit_dev": rational_scores(model, fit, "fresh_dev"),
+                           "constant_relative": constant}
     for part in ("heldout_M", "later_steps"):
         if parts[part]:
-            out[part] = {name: rational_scores(model, parts[part], name) for name in ("fresh_test", "pool_test")}
+            out[part] = {name: rational_scores(model, parts[part], name, constant) for name in ("fresh_test", "pool_test")}
     return out
 
 

@@ -9,9 +9,9 @@ from lablib.models import ICLRegressor, ICLRegressorConfig
 from lablib.tasks import icl_regression as task
 
 
-def tiny_model(d=3, k=5):
+def tiny_model(d=3, k=5, tokens="interleaved"):
     torch.manual_seed(0)
-    return ICLRegressor(ICLRegressorConfig(n_dims=d, n_points=k + 1, n_layer=1, n_head=2, d_model=16))
+    return ICLRegressor(ICLRegressorConfig(n_dims=d, n_points=k + 1, n_layer=1, n_head=2, d_model=16, tokens=tokens))
 
 
 def test_dmmse_is_the_pool_vector_once_a_noiseless_context_is_long():
@@ -48,12 +48,17 @@ def test_trivial_rules_see_only_the_pairs_before_each_position():
         assert torch.allclose(before[:, :4], after[:, :4]), rule
 
 
-def test_the_model_predicts_y_t_from_the_pairs_before_it():
-    model = tiny_model()
+@pytest.mark.parametrize("tokens", ["interleaved", "pairs"])
+def test_the_model_predicts_y_t_from_x_t_and_the_pairs_before_it(tokens):
+    model = tiny_model(tokens=tokens)
     xs, ys = torch.randn(2, 6, 3), torch.randn(2, 6)
-    changed = ys.clone()
-    changed[:, 4] = 50.0
-    assert torch.allclose(model(xs, ys)[:, :5], model(xs, changed)[:, :5], atol=1e-6)
+    changed_y, changed_x = ys.clone(), xs.clone()
+    changed_y[:, 4] = 50.0
+    changed_x[:, 4] = 50.0
+    assert torch.allclose(model(xs, ys)[:, :5], model(xs, changed_y)[:, :5], atol=1e-6)  # y_4 unseen up to position 4
+    assert not torch.allclose(model(xs, ys)[:, 5], model(xs, changed_y)[:, 5])  # and read after it
+    assert torch.allclose(model(xs, ys)[:, :4], model(changed_x, ys)[:, :4], atol=1e-6)
+    assert not torch.allclose(model(xs, ys)[:, 4], model(changed_x, ys)[:, 4])  # x_4 is read at its own position
 
 
 def test_predict_takes_numpy_and_torch_with_the_stated_shapes():

@@ -269,11 +269,12 @@ def fit_rational(N: np.ndarray, dL: np.ndarray, K: np.ndarray, observed: np.ndar
     return RationalModel(*map(float, best.x))
 
 
-def r_squared(observed: Sequence[float], predicted: Sequence[float]) -> float:
-    """Share of the variance of `observed` that `predicted` explains (1 - SSE / SST; can be negative)."""
+def r_squared(observed: Sequence[float], predicted: Sequence[float], weight: Sequence[float] | None = None) -> float:
+    """Share of the (weighted) variance of `observed` that `predicted` explains (1 - SSE / SST; can be negative)."""
     o, p = np.asarray(observed, float), np.asarray(predicted, float)
-    sst = float(((o - o.mean()) ** 2).sum())
-    return float("nan") if sst == 0 else 1 - float(((o - p) ** 2).sum()) / sst
+    w = np.ones_like(o) if weight is None else np.asarray(weight, float)
+    sst = float((w * (o - np.average(o, weights=w)) ** 2).sum())
+    return float("nan") if sst == 0 else 1 - float((w * (o - p) ** 2).sum()) / sst
 
 
 def cell_table(points: Sequence[TrainedPoint], refs: dict[tuple[int, int], dict[str, dict[str, float]]],
@@ -311,7 +312,8 @@ def _observed(cells: list[dict[str, Any]], set_name: str) -> dict[str, np.ndarra
 def rational_scores(model: RationalModel, cells: list[dict[str, Any]], set_name: str,
                     constant_relative: float | None = None) -> dict[str, float]:
     """On cells of one set: the share of variance (R^2) the rational model explains in the relative distance
-    (the headline), in the two distances pooled and in the mixing weight.
+    (the headline; cells weighted by the dMMSE-ridge gap, as in the fit: where the two predictors agree,
+    a model is equally far from both whatever it learnt), in the two distances pooled and in the mixing weight.
 
     The rational model's output p dMMSE + (1-p) ridge is (1-p)^2 * gap from dMMSE and p^2 * gap from
     ridge (mean squared), gap = MSE(dMMSE, ridge) on the set; a model off that segment is further from
@@ -320,12 +322,12 @@ def rational_scores(model: RationalModel, cells: list[dict[str, Any]], set_name:
     """
     p = model.memorizing([c["N"] for c in cells], [c["dL"] for c in cells], [c["K"] for c in cells])
     o = _observed(cells, set_name)
-    out = {"r2_relative": r_squared(o["relative"], predicted_relative_distance(p)),
+    out = {"r2_relative": r_squared(o["relative"], predicted_relative_distance(p), o["gap"]),
            "r2_distances": r_squared(np.concatenate([o["d_dmmse"], o["d_ridge"]]),
                                      np.concatenate([(1 - p) ** 2 * o["gap"], p ** 2 * o["gap"]])),
            "r2_mix": r_squared(o["mix"], p), "cells": len(cells)}
     if constant_relative is not None:
-        out["r2_relative_constant"] = r_squared(o["relative"], np.full(len(cells), constant_relative))
+        out["r2_relative_constant"] = r_squared(o["relative"], np.full(len(cells), constant_relative), o["gap"])
     return out
 
 
@@ -347,7 +349,7 @@ def fit_and_score(cells: list[dict[str, Any]], cfg: ICLStrategiesConfig) -> dict
     model = fit_rational(np.array([c["N"] for c in fit]), np.array([c["dL"] for c in fit]),
                          np.array([c["K"] for c in fit]), o["relative"], weight=o["gap"],
                          target=predicted_relative_distance)
-    constant = float(np.mean(o["relative"]))
+    constant = float(np.average(o["relative"], weights=o["gap"]))
     out: dict[str, Any] = {"params": model.to_dict(), "fit_dev": rational_scores(model, fit, "fresh_dev"),
                            "constant_relative": constant}
     for part in ("heldout_M", "later_steps"):

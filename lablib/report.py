@@ -5,7 +5,9 @@ Notable here:
   different seeds) into `results/<experiment>/results.json`: the headline over seeds
   (`lablib.evidence.aggregate_seeds`), each seed's headline and numbers, the command
   that produced each run, every run's provenance and the machine and load it was
-  measured on.
+  measured on. One run that measured every seed itself (its results.json lists the
+  seeds and a headline over them, as notebooks 06-08 write) is the reference result as
+  it stands, with its command and how it was collected.
 - `render_readme(text, results)` rewrites only what lies between the README's
   `<!-- results:begin -->` and `<!-- results:end -->` markers; `lablib report --check`
   fails when the committed README differs from what it would write, so a number typed
@@ -110,6 +112,9 @@ def collect(run_dirs: Sequence[str | Path], root: Path | None = None, collected_
             raise ReportError(f"{d}: results.json has no 'headline'; its notebook must write one "
                               "(lablib.evidence.Headline(...).to_dict())")
         runs.append((d, params, results))
+    if len(runs) == 1 and _measured_every_seed(runs[0][2]):
+        return _collect_one_run(*runs[0], root, collected_with or shlex.join(["lablib", "report", "--collect",
+                                                                              str(run_dirs[0])]))
     first_dir, first, _ = runs[0]
     experiment = first["experiment"]
     fixed = {k: v for k, v in first.items() if k not in VARYING}
@@ -134,6 +139,28 @@ def collect(run_dirs: Sequence[str | Path], root: Path | None = None, collected_
            "measured_on": {str(seed): results.get("measured_on") for seed, (_, _, results) in zip(seeds, runs)},
            "per_seed": per_seed}
     path = results_root(root) / experiment / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, json.loads(json.dumps(out, allow_nan=False)))
+    return path
+
+
+def _measured_every_seed(results: dict[str, Any]) -> bool:
+    seeds = results.get("seeds")
+    try:
+        return isinstance(seeds, list) and len(seeds) > 1 and Headline.from_dict(results["headline"]).value.n == len(seeds)
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def _collect_one_run(run_dir: Path, params: dict[str, Any], results: dict[str, Any], root: Path,
+                     collected_with: str) -> Path:
+    """A run whose notebook aggregated its seeds: its results.json, checked, with its command."""
+    missing = [k for k in ("experiment", "provenance", "measured_on") if k not in results]
+    if missing:
+        raise ReportError(f"{run_dir}: results.json lists seeds {results['seeds']} but has no {', '.join(missing)}; "
+                          "a run that measures every seed records them per seed")
+    out = {**results, "commands": [run_command(run_dir, root)], "collected_with": collected_with}
+    path = results_root(root) / str(results["experiment"]) / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, json.loads(json.dumps(out, allow_nan=False)))
     return path

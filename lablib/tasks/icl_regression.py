@@ -22,7 +22,6 @@ Notable here:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,7 +160,8 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def mixing_weight(model: torch.Tensor, dmmse: torch.Tensor, ridge: torch.Tensor) -> float:
-    """Where the model sits between the strategies: the least-squares p in model ~ p dMMSE + (1-p) ridge, in [0, 1]."""
+    """Where the model sits between the strategies: the least-squares p in model ~ p dMMSE + (1-p) ridge, clipped
+    to [0, 1] (1/2 when the two predictors agree everywhere)."""
     gap = (dmmse - ridge).double()
     denom = float((gap ** 2).sum())
     if denom == 0.0:

@@ -709,3 +709,74 @@ class TabularPFN(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per row (the training loop's 'token'); see Transformer.flops_per_token."""
         return self.transformer.flops_per_token(seq_len) + 6 * self.row_encoder.weight.numel()
+
+
+# --- in-context regression: (x, y) pairs as vectors ----------------------------------------------
+# `Transformer` over ready-made embeddings, reading a sequence of k (x, y) pairs and predicting each
+# y_t from x_t and the pairs before it (causal mask), as in Garg et al. 2022 and Raventós et al. 2023.
+# Two ways to make tokens (`tokens`): `interleaved` is theirs, 2k tokens x_1, y_1, x_2, y_2, ... (an x
+# token [x, 0], a y token [0, ..., 0, y], plus the embedding of the token's type, 0: x, 1: y) with the
+# prediction read at each x token; `pairs` is k tokens, token t = [x_t, x_{t-1}, y_{t-1}] (zeros before
+# the first pair), so every earlier pair sits whole in one token and the sequence is half as long.
+# One linear read-in, one linear read-out. Hook points keep their names under `transformer.`.
+
+@dataclass
+class ICLRegressorConfig(ModelConfig):
+    """The transformer knobs plus the dimension of x, the longest context and the token layout."""
+
+    n_dims: int = knob(8, "dimension d of x", min=1)
+    n_points: int = knob(16, "longest sequence in (x, y) pairs; max_seq_len is set from it", min=1)
+    tokens: Literal["interleaved", "pairs"] = knob("interleaved", "x and y tokens in turn (Garg et al.), or one "
+                                                   "token per position holding x_t and the pair before it")
+    vocab_size: int = knob(2, "token types: x and y (set)", min=2)
+    tie_embeddings: bool = knob(True, "the unused unembedding shares the type embedding (no extra weights)")
+
+    def __post_init__(self):
+        self.vocab_size = 2
+        self.max_seq_len = (2 if self.tokens == "interleaved" else 1) * self.n_points
+
+
+@register_model
+class ICLRegressor(nn.Module):
+    """(B, T, d) xs and (B, T) ys -> (B, T) predictions of y_t from x_t and the pairs before it."""
+
+    config_class = ICLRegressorConfig
+
+    def __init__(self, cfg: ICLRegressorConfig):
+        super().__init__()
+        self.cfg = cfg
+        width = cfg.n_dims + 1 if cfg.tokens == "interleaved" else 2 * cfg.n_dims + 1
+        self.read_in = nn.Linear(width, cfg.d_model)
+        self.transformer = Transformer(cfg)
+        self.read_out = nn.Linear(cfg.d_model, 1)
+        init_like_transformer(nn.ModuleList([self.read_in, self.read_out]), cfg.n_layer)
+
+    def embed_pairs(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        """The read-in vectors (B, 2T or T, d_model) of the sequence's tokens."""
+        B, T, d = xs.shape
+        if d != self.cfg.n_dims:
+            raise ValueError(f"xs: this model reads x of dimension n_dims={self.cfg.n_dims}, got {d}")
+        if ys.shape != (B, T):
+            raise ValueError(f"ys: expected shape {(B, T)} to match xs, got {tuple(ys.shape)}")
+        if self.cfg.tokens == "pairs":
+            before = F.pad(torch.cat([xs, ys[..., None]], dim=-1), (0, 0, 1, 0))[:, :T]  # pair t-1 at position t
+            return self.read_in(torch.cat([xs, before], dim=-1)) + self.transformer.embed.weight[0]
+        x_tok = F.pad(xs, (0, 1))
+        y_tok = F.pad(ys[..., None], (d, 0))
+        tokens = torch.stack([x_tok, y_tok], dim=2).reshape(B, 2 * T, d + 1)
+        types = torch.arange(2 * T, device=xs.device) % 2
+        return self.read_in(tokens) + self.transformer.embed(types)[None]
+
+    def forward(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        h = self.transformer.trunk(embeds=self.embed_pairs(xs, ys), mask="causal")
+        if self.cfg.tokens == "interleaved":
+            h = h[:, 0::2]  # the x tokens
+        return self.read_out(self.transformer.ln_final(h))[..., 0]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per (x, y) pair (the training loop's 'token'; seq_len is n_points)."""
+        per = 2 if self.cfg.tokens == "interleaved" else 1
+        return per * self.transformer.flops_per_token(per * seq_len)

@@ -34,6 +34,7 @@ STREAMS = {  # stream name -> its entropy word (never renumber: results depend o
     "induction": 6,  # per micro-batch: the induction task's random strings
     "noise": 7,  # causal tracing's corruption noise
     "corr2cause": 8,  # per micro-batch: the Corr2Cause classes and hypotheses drawn for training
+    "icl_regression": 9,  # in-context regression: task pools, training sequences, evaluation sets
 }
 
 M = TypeVar("M", bound=torch.nn.Module)

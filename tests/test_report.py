@@ -89,6 +89,25 @@ def test_editing_a_number_in_the_readme_by_hand_fails_the_check(lab):
                                                "run `lablib report` and commit"]
 
 
+def test_one_run_that_measured_every_seed_is_taken_as_it_stands(lab, tmp_path):
+    root, runs = lab
+    one = fake_run(tmp_path / "runs" / "all-seeds", 0, 3.85, 7.66)
+    results = json.loads((one / "results.json").read_text())
+    per_seed = {s: Headline.of("held-out loss (nats/token)", loss, Baselines.of(7.62, 7.66, 5.10, "bigram"), "val",
+                               "lower") for s, loss in ((0, 3.84), (1, 3.86), (2, 3.85))}
+    from lablib.evidence import aggregate_seeds
+
+    results.update(seeds=[0, 1, 2], headline=aggregate_seeds(per_seed).to_dict(), provenance={"0": {}, "1": {}, "2": {}},
+                   measured_on={str(s): results["measured_on"] for s in range(3)}, curves=[1, 2, 3])
+    (one / "results.json").write_text(json.dumps(results))
+    data = json.loads(collect([one], root=root).read_text())
+    assert data["seeds"] == [0, 1, 2] and data["headline"]["value"]["n"] == 3 and data["curves"] == [1, 2, 3]
+    assert data["commands"] == ["lablib run notebooks/00_quickstart.ipynb --preset cpu -p seed 0"]
+    assert data["collected_with"].startswith("lablib report --collect ")
+    report(root)
+    assert "(seeds 0, 1, 2 in one run)" in (root / "README.md").read_text()
+
+
 def test_runs_that_differ_in_more_than_the_seed_are_refused(lab, tmp_path):
     root, runs = lab
     other = fake_run(tmp_path / "runs" / "r9", 9, 3.9, 7.6, steps=600)

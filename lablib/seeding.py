@@ -34,6 +34,7 @@ STREAMS = {  # stream name -> its entropy word (never renumber: results depend o
     "induction": 6,  # per micro-batch: the induction task's random strings
     "noise": 7,  # causal tracing's corruption noise
     "corr2cause": 8,  # per micro-batch: the Corr2Cause classes and hypotheses drawn for training
+    "preferences": 10,  # per epoch: the order of scored segments; per model: its samples and random-token draws
 }
 
 M = TypeVar("M", bound=torch.nn.Module)

@@ -221,7 +221,8 @@ def build_model(cfg: PreferencesConfig, data: PreferenceData, seed: int):
 def train_variant(cfg: PreferencesConfig, data: PreferenceData, variant: str, seed: int, run=None, *,
                   progress: bool = True):
     """One (objective, seed) model trained in models/<variant>-seed<seed>/ of the run; returns
-    (model, untrained copy, TrainResult)."""
+    (model, TrainResult). Its untrained (step-0) copy is `build_model(cfg, data, seed)`, the same
+    for every objective of a seed."""
     from lablib.runs import start_run
     from lablib.train import train
 
@@ -229,7 +230,6 @@ def train_variant(cfg: PreferencesConfig, data: PreferenceData, variant: str, se
     ocfg.seed = seed
     ocfg.preset = cfg.preset
     model = build_model(cfg, data, seed)
-    untrained = build_model(cfg, data, seed)
     sub = None
     if run is not None:
         sub = start_run(EXPERIMENT, ocfg, run.path / "models" / f"{variant}-seed{seed}", model=variant)
@@ -239,25 +239,30 @@ def train_variant(cfg: PreferencesConfig, data: PreferenceData, variant: str, se
     result = train(model, objective, ScoredBatches(training_segments(data, variant), data.eos_id),
                    ocfg.project(TrainConfig), sub, val=val, progress=progress)
     model.eval()
-    return model, untrained, result
+    return model, result
 
 
 # --- evaluation --------------------------------------------------------------------------------
 
+def heldout_rows(ids: torch.Tensor, start_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels) of the held-out loss: inputs `start_id` + ids[:, :-1]; labels ids[:, 1:] at the
+    positions after the first code token (its prediction reads the start token alone), IGNORE elsewhere.
+    So every model is scored on the same code tokens, and the start (control) token is never a target."""
+    tokens = torch.cat([torch.full((len(ids), 1), start_id, dtype=ids.dtype), ids], dim=1)
+    labels = tokens[:, 1:].clone()
+    labels[:, 0] = IGNORE
+    return tokens[:, :-1], labels
+
+
 @torch.no_grad()
 def heldout_loss(model, ids: torch.Tensor, start_id: int, batch_size: int = 64) -> tuple[float, int]:
-    """Mean next-token loss of the code tokens ids[:, 1:] read after `start_id` + ids[:, 0] ...: every
-    model is scored on the same tokens; the start (control) token is read, never a target."""
+    """Mean next-token loss (nats per token) of the code tokens of `heldout_rows`, and their number."""
     total, count = 0.0, 0
     for k in range(0, len(ids), batch_size):
-        rows = ids[k:k + batch_size]
-        tokens = torch.cat([torch.full((len(rows), 1), start_id, dtype=rows.dtype), rows], dim=1)
-        labels = tokens[:, 1:].clone()
-        labels[:, 0] = IGNORE  # the first code token is predicted from the start token alone: not scored
-        logits = model(tokens[:, :-1], mask="causal")
-        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                                               ignore_index=IGNORE, reduction="sum")
-        total += float(ce)
+        inputs, labels = heldout_rows(ids[k:k + batch_size], start_id)
+        logits = model(inputs, mask="causal")
+        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                         labels.reshape(-1), ignore_index=IGNORE, reduction="sum"))
         count += int((labels != IGNORE).sum())
     return total / count, count
 
@@ -316,10 +321,11 @@ def adversarial_rate(model, data: PreferenceData, split: str, start_id: int, pro
     return {"rate": found / max(1, chars), "chars": chars, "texts": texts}
 
 
-def evaluate_model(model, data: PreferenceData, cfg: PreferencesConfig, variant: str, seed: int,
+def evaluate_model(model, data: PreferenceData, cfg: PreferencesConfig, start: int, seed: int,
                    temperature: float, split: str = "test") -> dict[str, Any]:
-    """Held-out loss on clean code, violation rate of unconditional samples and of adversarial continuations."""
-    start = data.start_id(variant)
+    """Held-out loss on clean code, violation rate of unconditional samples and of adversarial
+    continuations, all read after the start token `start` (`data.start_id(variant)`). The sampling
+    draws depend on the seed only, so two objectives of one seed share them."""
     loss, n = heldout_loss(model, data.clean[split].ids, start, cfg.eval_batch_size)
     unc = unconditional_rate(model, data, start, cfg.n_samples, cfg.sample_tokens, temperature, seed,
                              cfg.eval_batch_size)

@@ -46,6 +46,7 @@ from lablib.tasks import pep8
 from lablib.tasks.pep8 import Segments
 
 EXPERIMENT = "preferences"
+PER_CHARS = 1000  # violation rates are reported per 1,000 characters (the scorer's score is per character)
 
 
 @dataclass(frozen=True)
@@ -72,14 +73,14 @@ class PreferencesConfig(ModelConfig, TrainConfig, DataConfig, ObjectiveConfig):
 
     variants: list[str] = knob(list(VARIANTS), "objectives compared (keys of VARIANTS; 'mle' is the reference)")
     seeds: list[int] = knob([0, 1, 2], "training seeds of every objective")
-    bad_fraction: float = knob(0.25, "share of training segments labelled bad (sets preference_threshold)",
+    bad_fraction: float = knob(0.5, "share of training segments labelled bad (sets preference_threshold)",
                                min=0.0, max=1.0, min_exclusive=True)
     n_samples: int = knob(64, "unconditional samples per model", min=1)
     sample_tokens: int = knob(64, "tokens per sample and per continuation", min=1)
     n_prompts: int = knob(64, "adversarial prompts per split (the worst-styled held-out segments)", min=1)
     prompt_tokens: int = knob(32, "tokens of each adversarial prompt", min=1)
     heldout_segments: int = knob(128, "clean held-out segments per split for the held-out loss", min=1)
-    temperatures: list[float] = knob([0.7, 1.0], "sampling temperatures, one chosen on dev")
+    temperatures: list[float] = knob([0.5, 0.7, 1.0], "sampling temperatures, one chosen on dev")
     eval_batch_size: int = knob(64, "rows per forward pass when evaluating and sampling", min=1)
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
@@ -89,11 +90,12 @@ class PreferencesConfig(ModelConfig, TrainConfig, DataConfig, ObjectiveConfig):
                       variants=["mle", "conditional", "filtering"], n_samples=6, sample_tokens=12, n_prompts=4,
                       prompt_tokens=8, heldout_segments=8, eval_every=8, eval_batches=1, log_every=4,
                       checkpoint_every=8, keep_last=1, val_fraction=0.2),
-        # ~40 minutes on one core: 6 objectives x 3 seeds of a 2-layer width-64 transformer
+        # ~35 minutes on one core: 6 objectives x 3 seeds of a 2-layer width-64 transformer (0.3M parameters),
+        # 600 steps of 32 rows x 65 tokens each (~70 s), evaluation ~10 s per model
         "cpu": dict(corpus_max_chars=3_000_000, tokenizer="bpe", bpe_vocab_size=2048, n_layer=2, n_head=4,
-                    d_model=64, seq_len=64, max_seq_len=128, batch_size=32, steps=400, warmup_steps=40,
-                    learning_rate=3e-3, eval_every=200, eval_batches=2, log_every=20, checkpoint_every=400,
-                    keep_last=1, val_fraction=0.1),
+                    d_model=64, seq_len=64, max_seq_len=128, batch_size=32, steps=600, warmup_steps=50,
+                    learning_rate=3e-3, eval_every=300, eval_batches=1, log_every=20, checkpoint_every=600,
+                    keep_last=1, val_fraction=0.1, n_samples=128),
         # the whole stdlib and a wider model
         "gpu": dict(corpus_max_chars=None, tokenizer="bpe", bpe_vocab_size=8192, n_layer=8, n_head=8, d_model=512,
                     seq_len=128, max_seq_len=256, batch_size=64, steps=8000, warmup_steps=400, learning_rate=6e-4,
@@ -135,6 +137,10 @@ class PreferenceData:
     clean: dict[str, Segments]  # dev / test: clean held-out segments (score <= threshold)
     prompts: dict[str, Segments]  # dev / test: the worst-styled held-out segments
 
+    def data_rate(self) -> float:
+        """The training data's own violation rate, per PER_CHARS characters (the reference line)."""
+        return PER_CHARS * self.train.mean_rate()
+
     @property
     def eos_id(self) -> int:
         return self.tokenizer.eos_id
@@ -145,7 +151,8 @@ class PreferenceData:
     def summary(self) -> dict[str, Any]:
         return {"train_segments": len(self.train), "heldout_segments": len(self.heldout),
                 "threshold": self.threshold, "train_bad_share": float((self.train.score > self.threshold).mean()),
-                "train_violation_rate": self.train.mean_rate(), "heldout_violation_rate": self.heldout.mean_rate(),
+                "train_violations_per_1000_chars": PER_CHARS * self.train.mean_rate(),
+                "heldout_violations_per_1000_chars": PER_CHARS * self.heldout.mean_rate(),
                 **{f"clean_{k}": len(v) for k, v in self.clean.items()},
                 **{f"prompts_{k}": len(v) for k, v in self.prompts.items()},
                 "vocab_size": self.tokenizer.vocab_size, "checker": f"pycodestyle {pep8.checker_version()}"}
@@ -293,7 +300,7 @@ def special_ids(tokenizer: Tokenizer) -> set[int]:
 
 def unconditional_rate(model, data: PreferenceData, start_id: int, n: int, new_tokens: int, temperature: float,
                        seed: int, batch_size: int = 64) -> dict[str, Any]:
-    """Violations per character of n samples started from `start_id` (pooled over the samples)."""
+    """Violations per PER_CHARS characters of n samples started from `start_id` (pooled over the samples)."""
     gen = torch_generator(seed, "preferences", 1_000_000)
     prompts = torch.full((n, 1), start_id, dtype=torch.long)
     stop = special_ids(data.tokenizer)
@@ -301,12 +308,12 @@ def unconditional_rate(model, data: PreferenceData, start_id: int, n: int, new_t
                                                                   batch_size)]
     found = [len(pep8.violations(t)) for t in texts]
     chars = sum(map(len, texts))
-    return {"rate": sum(found) / max(1, chars), "chars": chars, "texts": texts}
+    return {"rate": PER_CHARS * sum(found) / max(1, chars), "chars": chars, "texts": texts}
 
 
 def adversarial_rate(model, data: PreferenceData, split: str, start_id: int, prompt_tokens: int, new_tokens: int,
                      temperature: float, seed: int, batch_size: int = 64) -> dict[str, Any]:
-    """Violations per character of the continuations of the adversarial prompts of `split` (pooled)."""
+    """Violations per PER_CHARS characters of the continuations of the adversarial prompts of `split` (pooled)."""
     gen = torch_generator(seed, "preferences", 2_000_000)
     heads = data.prompts[split].ids[:, :prompt_tokens]
     prompts = torch.cat([torch.full((len(heads), 1), start_id, dtype=torch.long), heads], dim=1)
@@ -318,7 +325,7 @@ def adversarial_rate(model, data: PreferenceData, split: str, start_id: int, pro
         found += pep8.continuation_violations(prompt, text)
         chars += len(text)
         texts.append((prompt, text))
-    return {"rate": found / max(1, chars), "chars": chars, "texts": texts}
+    return {"rate": PER_CHARS * found / max(1, chars), "chars": chars, "texts": texts}
 
 
 def evaluate_model(model, data: PreferenceData, cfg: PreferencesConfig, start: int, seed: int,
@@ -338,7 +345,7 @@ def evaluate_model(model, data: PreferenceData, cfg: PreferencesConfig, start: i
 
 def choose_temperature(mle_models: dict[int, Any], data: PreferenceData, cfg: PreferencesConfig) -> dict[str, Any]:
     """The temperature at which MLE's dev samples' violation rate comes closest to the training data's."""
-    target = data.train.mean_rate()
+    target = data.data_rate()
     rates = {t: float(np.mean([unconditional_rate(m, data, data.eos_id, cfg.n_samples, cfg.sample_tokens, t,
                                                   seed + 7, cfg.eval_batch_size)["rate"]
                                for seed, m in mle_models.items()])) for t in cfg.temperatures}
@@ -347,13 +354,13 @@ def choose_temperature(mle_models: dict[int, Any], data: PreferenceData, cfg: Pr
 
 
 def random_token_rate(data: PreferenceData, n: int, new_tokens: int, seed: int) -> float:
-    """Chance: violations per character of uniformly random code tokens."""
+    """Chance: violations per PER_CHARS characters of uniformly random code tokens."""
     gen = torch_generator(seed, "preferences", 3_000_000)
     stop = special_ids(data.tokenizer)
     allowed = torch.tensor([i for i in range(data.tokenizer.vocab_size) if i not in stop])
     draws = allowed[torch.randint(len(allowed), (n, new_tokens), generator=gen)]
     texts = [data.tokenizer.decode(row) for row in draws.tolist()]
-    return sum(len(pep8.violations(t)) for t in texts) / max(1, sum(map(len, texts)))
+    return PER_CHARS * sum(len(pep8.violations(t)) for t in texts) / max(1, sum(map(len, texts)))
 
 
 # --- results -----------------------------------------------------------------------------------

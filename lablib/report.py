@@ -6,6 +6,8 @@ Notable here:
   (`lablib.evidence.aggregate_seeds`), each seed's headline and numbers, the command
   that produced each run, every run's provenance and the machine and load it was
   measured on.
+  One run whose notebook trained every seed itself (its results.json lists `seeds`
+  and holds the headline over them) is taken as it is, with its command.
 - `render_readme(text, results)` rewrites only what lies between the README's
   `<!-- results:begin -->` and `<!-- results:end -->` markers; `lablib report --check`
   fails when the committed README differs from what it would write, so a number typed
@@ -110,6 +112,9 @@ def collect(run_dirs: Sequence[str | Path], root: Path | None = None, collected_
             raise ReportError(f"{d}: results.json has no 'headline'; its notebook must write one "
                               "(lablib.evidence.Headline(...).to_dict())")
         runs.append((d, params, results))
+    if len(runs) == 1 and len(runs[0][2].get("seeds") or []) > 1:
+        return _collect_multi_seed(*runs[0], root, collected_with or shlex.join(["lablib", "report", "--collect",
+                                                                                  *map(str, run_dirs)]))
     first_dir, first, _ = runs[0]
     experiment = first["experiment"]
     fixed = {k: v for k, v in first.items() if k not in VARYING}
@@ -134,6 +139,26 @@ def collect(run_dirs: Sequence[str | Path], root: Path | None = None, collected_
            "measured_on": {str(seed): results.get("measured_on") for seed, (_, _, results) in zip(seeds, runs)},
            "per_seed": per_seed}
     path = results_root(root) / experiment / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, json.loads(json.dumps(out, allow_nan=False)))
+    return path
+
+
+def _collect_multi_seed(run_dir: Path, params: dict[str, Any], results: dict[str, Any], root: Path,
+                        collected_with: str) -> Path:
+    """A run that measured every seed itself (its results.json lists `seeds` and holds the headline over them):
+    its results are the reference result, with the command that made the run and where it came from."""
+    head = Headline.from_dict(results["headline"])
+    if head.value.n != len(results["seeds"]):
+        raise ReportError(f"{run_dir}: results.json lists seeds {results['seeds']} but its headline is over "
+                          f"n={head.value.n}; expected the headline over every listed seed")
+    missing = [k for k in ("measured_on", "provenance") if k not in results]
+    if missing:
+        raise ReportError(f"{run_dir}: results.json of a multi-seed run lacks {', '.join(missing)}")
+    out = {**results, "experiment": params["experiment"], "split": head.split,
+           "commands": [run_command(run_dir, root)], "collected_with": collected_with,
+           "run": str(run_dir.resolve().relative_to(run_dir.resolve().parents[1]))}
+    path = results_root(root) / params["experiment"] / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, json.loads(json.dumps(out, allow_nan=False)))
     return path

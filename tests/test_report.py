@@ -168,3 +168,22 @@ def test_collect_works_on_real_smoke_runs(tmp_path):
     assert data["provenance"]["0"]["git"]["commit"]
     assert {"chance", "untrained", "trivial"} <= set(data["headline"]["baselines"])
     assert "| quickstart |" in (root / "README.md").read_text()
+
+
+def test_collect_takes_a_run_that_measured_every_seed_as_it_is(lab, tmp_path):
+    root, runs = lab
+    folder = runs[0]
+    head = Headline.from_dict(json.loads((folder / "results.json").read_text())["headline"])
+    over = {"metric": head.metric, "split": "test", "better": "lower", "baselines": head.baselines.to_dict(),
+            "value": {"mean": 3.85, "low": 3.80, "high": 3.90, "n": 3, "method": "t"}, "differences": {}}
+    results = {"experiment": "quickstart", "seeds": [0, 1, 2], "headline": over, "extra": {"kept": True},
+               "measured_on": {"0": {"load_average": [1.0, 1.0, 1.0]}}, "provenance": {"0": None}}
+    (folder / "results.json").write_text(json.dumps(results))
+    data = json.loads(collect([folder], root=root).read_text())
+    assert data["seeds"] == [0, 1, 2] and data["split"] == "test" and data["extra"] == {"kept": True}
+    assert Headline.from_dict(data["headline"]).value.n == 3
+    assert data["commands"] == ["lablib run notebooks/00_quickstart.ipynb --preset cpu -p seed 0"]
+    results["headline"]["value"]["n"] = 1
+    (folder / "results.json").write_text(json.dumps(results))
+    with pytest.raises(ReportError, match="headline is over n=1"):
+        collect([folder], root=root)

@@ -15,8 +15,9 @@ Notable here:
   tuned). Held-out files (split by file) give the clean held-out code (score at most the
   threshold) for the capability metric and the adversarial prompts (the worst-styled held-out
   segments); both are split into dev and test by a stable hash of each segment. The sampling
-  temperature is chosen on dev: the one at which MLE's dev samples come closest to the training
-  data's own violation rate (a choice that favours no objective); test is reported.
+  temperature is chosen on dev: the one at which MLE's dev samples (draws apart from the test
+  ones) come closest to the training data's own violation rate (a choice that favours no
+  objective); test is reported.
 - `evaluate_model` measures a model's held-out loss (the same code tokens for every objective,
   the start token read but never scored), the violation rate of its unconditional samples and
   of its continuations of the adversarial prompts (violations per character, pooled).

@@ -105,7 +105,7 @@ def test_unlikelihood_is_finite_and_pushes_bad_tokens_down():
     model = tiny_model()
     b = batch([1.0, 1.0])  # both rows bad
     obj = Unlikelihood(threshold=0.1, alpha=1.0)
-    logp = lambda: torch.log_softmax(model(b["tokens"][:, :-1]), -1).gather(-1, b["tokens"][:, 1:, None]).mean()
+    logp = lambda: torch.log_softmax(model(b["tokens"][:, :-1]), -1).gather(-1, b["tokens"][:, 1:, None]).mean().detach()
     before = float(logp())
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     for _ in range(10):

@@ -19,6 +19,10 @@ Notable here:
   prediction (Walker 2024), the GPT-BERT hybrid (masked next-token + causal rows),
   contrastive docstring<->code InfoNCE (CodeT5+), per-batch `Mixture`s and mid-run
   `Schedule`s (biphasic CLM->MLM). Every masking draw uses the loop's generator.
+- Pretraining with feedback (Korbak et al. 2023), on batches that carry a per-row preference
+  score (`batch["score"]`, lower is better; `ObjectiveSpec.scores`): filtering, conditional
+  training with `<|good|>` / `<|bad|>` control tokens in each row's first (start) position,
+  unlikelihood on bad rows, reward-weighted regression, and MLE then conditional training.
 - `ObjectiveConfig` holds every objective knob; `build_objective(cfg, tokenizer, total_batches)`
   builds one from it and `decoder_model` names the model it trains. `ObjectiveBatches` adds what schedules (`index`) and contrastive
   (`doc_ids`, `code_ids`) need to the LM batches, so the training loop stays as it is.
@@ -513,6 +517,159 @@ class ObjectiveBatches:
         return out
 
 
+# --- pretraining with feedback: objectives that read a preference score per row (Korbak et al. 2023) ---
+
+CONTROL_TOKENS = ("<|good|>", "<|bad|>")  # conditional training's control tokens, special tokens of the tokenizer
+
+
+def add_control_tokens(tokenizer):
+    """The tokenizer with `<|good|>` and `<|bad|>` added as special tokens (ids after its vocabulary);
+    a tokenizer that has them already is returned as it is."""
+    backend = tokenizer.backend
+    missing = [t for t in CONTROL_TOKENS if backend.token_to_id(t) is None]
+    if missing:
+        backend.add_special_tokens(missing)
+    return tokenizer
+
+
+def control_ids(tokenizer) -> tuple[int, int]:
+    """(good id, bad id) of a tokenizer with the control tokens; one line when it lacks them."""
+    ids = tuple(tokenizer.backend.token_to_id(t) for t in CONTROL_TOKENS)
+    if None in ids:
+        raise ValueError(f"conditional: the tokenizer has no {' / '.join(CONTROL_TOKENS)} tokens; add them with "
+                         "lablib.objectives.add_control_tokens(tokenizer) before building the model")
+    return ids
+
+
+def scored_rows(batch: dict[str, torch.Tensor], objective: str) -> torch.Tensor:
+    """The per-row preference scores of a batch (lower is better); one line when the batch has none."""
+    if "score" not in batch:
+        raise ValueError(f"{objective}: expected batches with a per-row 'score' (a preference score, lower is "
+                         "better), such as lablib.experiments.preferences.ScoredBatches gives")
+    return batch["score"].to(batch["tokens"].device).float()
+
+
+def row_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) token cross-entropy (0 where labels == IGNORE)."""
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE,
+                         reduction="none")
+    return ce.view(labels.shape)
+
+
+def _check_threshold(name: str, threshold: float | None) -> float:
+    if threshold is None or not math.isfinite(threshold):
+        raise ValueError(f"{name}: expected a finite preference_threshold (score above it = bad segment), "
+                         f"got {threshold!r}")
+    return float(threshold)
+
+
+@dataclass
+class Filtering:
+    """Next-token loss on the segments whose score is at most `threshold`; rows above it carry no loss.
+    (The training data should hold good segments only, so a filtered run keeps MLE's token budget.)"""
+
+    threshold: float
+    name: str = "filtering"
+
+    def __post_init__(self):
+        self.threshold = _check_threshold(self.name, self.threshold)
+
+    def __call__(self, model, batch, generator):
+        tokens = batch["tokens"]
+        labels = tokens[:, 1:].clone()
+        keep = scored_rows(batch, self.name) <= self.threshold
+        labels[~keep] = IGNORE
+        loss, n = token_cross_entropy(model(tokens[:, :-1], mask="causal"), labels)
+        return loss, {"tokens_scored": n, "rows_kept": float(keep.float().mean())}
+
+
+@dataclass
+class ConditionalTraining:
+    """Each row's first token (its start token) becomes `<|good|>` when its score is at most `threshold`,
+    else `<|bad|>`; a random `unconditional_fraction` of rows keeps its start token (the paper's small
+    share of segments without a control token). Next-token loss on every later token: a control token
+    is read, never predicted. Sampling then starts from `<|good|>`."""
+
+    threshold: float
+    good_id: int
+    bad_id: int
+    unconditional_fraction: float = 0.01
+    name: str = "conditional"
+
+    def __post_init__(self):
+        self.threshold = _check_threshold(self.name, self.threshold)
+        if not 0.0 <= self.unconditional_fraction < 1.0:
+            raise ValueError(f"unconditional_fraction: expected a number in [0, 1), got {self.unconditional_fraction!r}")
+
+    def rows(self, tokens: torch.Tensor, score: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The rows with their control tokens in position 0."""
+        control = torch.where(score.to(tokens.device) <= self.threshold, self.good_id, self.bad_id)
+        plain = (torch.rand(len(tokens), generator=generator) < self.unconditional_fraction).to(tokens.device)
+        out = tokens.clone()
+        out[:, 0] = torch.where(plain, tokens[:, 0], control.to(tokens.dtype))
+        return out
+
+    def __call__(self, model, batch, generator):
+        tokens = self.rows(batch["tokens"], scored_rows(batch, self.name), generator)
+        loss, n = token_cross_entropy(model(tokens[:, :-1], mask="causal"), tokens[:, 1:])
+        return loss, {"tokens_scored": n, "good_rows": float((tokens[:, 0] == self.good_id).float().mean())}
+
+
+def unlikelihood_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) -log(1 - p(label)) (Welleck et al. 2020), 0 where labels == IGNORE; stable near p = 1."""
+    logp = torch.log_softmax(logits.float(), -1)
+    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1).clamp(max=-1e-6)
+    out = -torch.log(-torch.expm1(picked))  # log(1 - p) = log(-expm1(log p))
+    return torch.where(labels == IGNORE, torch.zeros_like(out), out)
+
+
+@dataclass
+class Unlikelihood:
+    """Likelihood on good segments (score <= threshold), `alpha` x unlikelihood on bad ones: every
+    token of a bad segment is pushed down (Korbak et al.'s unlikelihood objective)."""
+
+    threshold: float
+    alpha: float = 1.0
+    name: str = "unlikelihood"
+
+    def __post_init__(self):
+        self.threshold = _check_threshold(self.name, self.threshold)
+        if not self.alpha > 0:
+            raise ValueError(f"unlikelihood_alpha: expected a number > 0, got {self.alpha!r}")
+
+    def __call__(self, model, batch, generator):
+        tokens = batch["tokens"]
+        labels = tokens[:, 1:]
+        bad = scored_rows(batch, self.name) > self.threshold
+        logits = model(tokens[:, :-1], mask="causal")
+        per_token = torch.where(bad[:, None], self.alpha * unlikelihood_loss(logits, labels),
+                                row_cross_entropy(logits, labels))
+        n = int((labels != IGNORE).sum())
+        return per_token.sum() / max(1, n), {"tokens_scored": n, "bad_rows": float(bad.float().mean())}
+
+
+@dataclass
+class RewardWeighted:
+    """Reward-weighted regression: each row's next-token loss weighted by exp(-score / beta), the
+    weights normalised to mean 1 over the batch (so the learning rate means what it means for MLE)."""
+
+    beta: float
+    name: str = "rwr"
+
+    def __post_init__(self):
+        if not self.beta > 0:
+            raise ValueError(f"rwr_beta: expected a number > 0, got {self.beta!r}")
+
+    def __call__(self, model, batch, generator):
+        tokens = batch["tokens"]
+        labels = tokens[:, 1:]
+        score = scored_rows(batch, self.name)
+        weight = torch.softmax(-score / self.beta, 0) * len(score)
+        ce = row_cross_entropy(model(tokens[:, :-1], mask="causal"), labels)
+        n = int((labels != IGNORE).sum())
+        return (ce * weight[:, None]).sum() / max(1, n), {"tokens_scored": n, "max_weight": float(weight.max())}
+
+
 # --- the objective registry: one entry per objective, everything else derived from it ------------
 
 @dataclass(frozen=True)
@@ -527,6 +684,7 @@ class ObjectiveSpec:
     encoder_decoder: bool = False  # it also trains the T5-shaped encoder-decoder
     pairs: bool = False  # its batches need (doc_ids, code_ids) pairs, see ObjectiveBatches
     combines: bool = False  # built from other objectives (mixture, biphasic)
+    scores: bool = False  # its batches need a per-row preference score, batch["score"] (pretraining with feedback)
     extra_ids: Callable[[Any], int] = lambda cfg: 0  # ids the model needs beyond the tokenizer's
     check: Callable[[Any], None] = lambda cfg: None  # raises ConfigError when the config cannot train it
 
@@ -583,6 +741,19 @@ register_objective("biphasic", reads="bidirectional", next_token=False, combines
                                   (build_objective_named(cfg.biphasic_second, cfg, tok, n), 1.0 - cfg.biphasic_split)],
                                  n, name="biphasic"))
 
+register_objective("filtering", reads="causal", next_token=True, scores=True)(
+    lambda cfg, tok, n: Filtering(cfg.preference_threshold))
+register_objective("conditional", reads="causal", next_token=True, scores=True)(
+    lambda cfg, tok, n: ConditionalTraining(cfg.preference_threshold, *control_ids(tok), cfg.unconditional_fraction))
+register_objective("unlikelihood", reads="causal", next_token=True, scores=True)(
+    lambda cfg, tok, n: Unlikelihood(cfg.preference_threshold, cfg.unlikelihood_alpha))
+register_objective("rwr", reads="causal", next_token=True, scores=True)(
+    lambda cfg, tok, n: RewardWeighted(cfg.rwr_beta))
+register_objective("mle_then_conditional", reads="causal", next_token=True, scores=True, combines=True)(
+    lambda cfg, tok, n: Schedule([(CausalLM(), 1.0 - cfg.feedback_fraction),
+                                  (build_objective_named("conditional", cfg, tok, n), cfg.feedback_fraction)],
+                                 n, name="mle_then_conditional"))
+
 for _plugin in filter(None, os.environ.get("LABLIB_PLUGINS", "").split(",")):  # modules that register objectives
     importlib.import_module(_plugin.strip())
 
@@ -621,6 +792,17 @@ class ObjectiveConfig(Config):
     biphasic_first: SimpleObjectiveName = knob("clm", "biphasic: objective of the first phase")
     biphasic_second: SimpleObjectiveName = knob("mlm", "biphasic: objective of the second phase")
     biphasic_split: float = knob(0.5, "biphasic: fraction of the steps spent in the first phase", min=0.0, max=1.0)
+    preference_threshold: float | None = knob(
+        None, "filtering, conditional, unlikelihood: preference score above which a segment is bad (lower is "
+        "better; the preferences experiment sets it from bad_fraction)")
+    unconditional_fraction: float = knob(0.01, "conditional: share of rows trained without a control token",
+                                         min=0.0, max=1.0)
+    unlikelihood_alpha: float = knob(1.0, "unlikelihood: weight of the unlikelihood term on bad segments", min=0.0,
+                                     min_exclusive=True)
+    rwr_beta: float = knob(0.01, "rwr: temperature of the weights exp(-score / beta), in score units", min=0.0,
+                           min_exclusive=True)
+    feedback_fraction: float = knob(0.25, "mle_then_conditional: fraction of the steps, at the end, trained with "
+                                    "conditional training after MLE", min=0.0, max=1.0, min_exclusive=True)
 
     def validate(self) -> None:
         super().validate()

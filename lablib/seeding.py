@@ -35,6 +35,7 @@ STREAMS = {  # stream name -> its entropy word (never renumber: results depend o
     "noise": 7,  # causal tracing's corruption noise
     "corr2cause": 8,  # per micro-batch: the Corr2Cause classes and hypotheses drawn for training
     "icl_regression": 9,  # in-context regression: task pools, training sequences, evaluation sets
+    "preferences": 10,  # per epoch: the order of scored segments; per model: its samples and random-token draws
 }
 
 M = TypeVar("M", bound=torch.nn.Module)

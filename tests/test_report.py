@@ -224,3 +224,20 @@ def test_collect_expands_a_run_that_measured_several_seeds_itself(tmp_path):
     assert data["per_seed"]["1"]["results"] == {"steps": 10}
     assert data["measured_on"]["2"]["load_average"][2] == 2
     assert data["fits"] == [{"form": "power law"}]  # the run's own tables are kept
+def test_collect_takes_a_run_that_measured_every_seed_as_it_is(lab, tmp_path):
+    root, runs = lab
+    folder = runs[0]
+    head = Headline.from_dict(json.loads((folder / "results.json").read_text())["headline"])
+    over = {"metric": head.metric, "split": "test", "better": "lower", "baselines": head.baselines.to_dict(),
+            "value": {"mean": 3.85, "low": 3.80, "high": 3.90, "n": 3, "method": "t"}, "differences": {}}
+    results = {"experiment": "quickstart", "seeds": [0, 1, 2], "headline": over, "extra": {"kept": True},
+               "measured_on": {"0": {"load_average": [1.0, 1.0, 1.0]}}, "provenance": {"0": None}}
+    (folder / "results.json").write_text(json.dumps(results))
+    data = json.loads(collect([folder], root=root).read_text())
+    assert data["seeds"] == [0, 1, 2] and data["split"] == "test" and data["extra"] == {"kept": True}
+    assert Headline.from_dict(data["headline"]).value.n == 3
+    assert data["commands"] == ["lablib run notebooks/00_quickstart.ipynb --preset cpu -p seed 0"]
+    results["headline"]["value"]["n"] = 1
+    (folder / "results.json").write_text(json.dumps(results))
+    with pytest.raises(ReportError, match="headline value is over n=1"):
+        collect([folder], root=root)

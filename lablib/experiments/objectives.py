@@ -305,7 +305,7 @@ def run_objective(cfg: ObjectivesRunConfig, run, *, progress: bool = True) -> di
     return results
 
 
-DECODER_OBJECTIVES = tuple(OBJECTIVES)
+DECODER_OBJECTIVES = tuple(name for name, spec in OBJECTIVES.items() if not spec.scores)  # plain token blocks
 
 
 @dataclass

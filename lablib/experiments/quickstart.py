@@ -4,7 +4,7 @@ pretraining on a text corpus.
 Notable here:
 - `LMConfig` is the flat config of a corpus -> tokenizer -> transformer -> objective
   run, with the `smoke` / `cpu` / `gpu` presets. Its objective is any registered one
-  that trains on plain token blocks (`lablib.objectives.OBJECTIVES`: no contrastive pairs).
+  that trains on plain token blocks (`lablib.objectives.OBJECTIVES`: no contrastive pairs, no preference scores).
 - `pretrain(cfg, run)` does the whole thing and resumes from the run folder's newest
   checkpoint when there is one (the tokenizer is then read back, not retrained).
 - `sample(...)` continues a prompt with a seeded generator, so samples are
@@ -48,9 +48,9 @@ class LMConfig(ModelConfig, TrainConfig, DataConfig, ObjectiveConfig):
 
     def validate(self) -> None:
         super().validate()
-        needs_pairs = [s.name for s in self.specs() if s.pairs]
+        needs_pairs = [s.name for s in self.specs() if s.pairs or s.scores]
         if needs_pairs:
-            plain = [n for n, s in OBJECTIVES.items() if not s.pairs]
+            plain = [n for n, s in OBJECTIVES.items() if not (s.pairs or s.scores)]
             raise ConfigError(f"parameter 'objective': the quickstart trains on token blocks only, so one of "
                               f"{', '.join(plain)} (without {', '.join(needs_pairs)})")
 

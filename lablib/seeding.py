@@ -34,6 +34,7 @@ STREAMS = {  # stream name -> its entropy word (never renumber: results depend o
     "induction": 6,  # per micro-batch: the induction task's random strings
     "noise": 7,  # causal tracing's corruption noise
     "corr2cause": 8,  # per micro-batch: the Corr2Cause classes and hypotheses drawn for training
+    "grokking": 11,  # modular groups' train / held-out pairs and, per micro-batch, the equations drawn
 }
 
 M = TypeVar("M", bound=torch.nn.Module)

@@ -127,9 +127,10 @@ class GrokkingData:
                  "dev pairs": len(s.dev), "test pairs": len(s.test)} for s in self.splits]
 
 
-def prepare_data(cfg: GrokkingConfig) -> GrokkingData:
-    text = prepare_lm_data(cfg.corpus, cfg.tokenizer, cfg.seq_len, bpe_vocab_size=cfg.bpe_vocab_size,
-                           max_chars=cfg.corpus_max_chars, val_fraction=cfg.val_fraction)
+def prepare_data(cfg: GrokkingConfig, text: LMData | None = None) -> GrokkingData:
+    """The corpus (or the given `text`, blocks of seq_len + 1 tokens), the groups' splits and the probe equations."""
+    text = text or prepare_lm_data(cfg.corpus, cfg.tokenizer, cfg.seq_len, bpe_vocab_size=cfg.bpe_vocab_size,
+                                   max_chars=cfg.corpus_max_chars, val_fraction=cfg.val_fraction)
     groups = [task.parse_group(g) for g in cfg.groups]
     splits = [task.split_pairs(g, cfg.train_fraction, cfg.split_seed) for g in groups]
     vocab = task.ModularVocab.for_groups(text.tokenizer.vocab_size, groups)

@@ -211,3 +211,14 @@ def test_a_moe_run_resumes_exactly_after_sigkill(tmp_path):
         train(moe(seed=99 if steps else 0), CausalLM(), BLOCKS, moe_cfg(), run, val=BLOCKS.eval_batches(1, 4),
               progress=False)
         assert curve(path) == reference
+
+
+def test_the_checkpoint_explorer_reads_a_moe_run(tmp_path):
+    from lablib.interp.analysis import CheckpointModel
+
+    run = train_moe(tmp_path / "r")
+    char_tokenizer(["abcdef (x):\n"]).save(run.path / "tokenizer.json")
+    explorer = CheckpointModel(run.path)
+    assert explorer.steps() == [1, 2, 4, 8, 12]
+    analysis = explorer.analyze(12, "abc(x)", k=3)
+    assert analysis.attention.shape[0] == 2 and len(analysis.top_k_tokens) == len("abc(x)")

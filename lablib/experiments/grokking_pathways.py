@@ -71,11 +71,11 @@ class GrokkingConfig(ModelConfig, TrainConfig, DataConfig):
         "smoke": dict(groups=["add:5", "sub:7"], n_layer=2, n_head=2, d_model=16, d_mlp=16, seq_len=29,
                       max_seq_len=29, batch_size=4, steps=8, warmup_steps=2, checkpoint_every=4, log_every=2,
                       eval_every=4, eval_batches=1, probe_samples=6, seeds=[0, 1], corpus_max_chars=20_000),
-        # ~35 minutes on one shared core: 3 seeds x (MoE + dense control) of a 2-layer width-64 model, 5000 steps
+        # ~30 minutes on one shared core: 3 seeds x (MoE + dense control) of a 2-layer width-64 model, 7000 steps
         # of 24 rows (21 of 12 equations, 3 of text); lr x weight decay sets the decay clock (~1000 steps)
         "cpu": dict(groups=["add:47", "sub:41", "mul:37"], train_fraction=0.5, algorithmic_share=0.875, n_layer=2,
                     n_head=4, d_model=64, d_mlp=128, n_experts=4, moe_top_k=1, pos="rope", seq_len=59, max_seq_len=59,
-                    batch_size=24, steps=5000, learning_rate=2e-3, weight_decay=0.5, beta2=0.98, warmup_steps=50,
+                    batch_size=24, steps=7000, learning_rate=2e-3, weight_decay=0.5, beta2=0.98, warmup_steps=50,
                     schedule="constant", checkpoint_every=250, log_every=50, eval_every=500, eval_batches=2),
         # closer to the paper: more and larger groups, 8 experts with top-2 routing, 5 seeds
         "gpu": dict(groups=["add:97", "sub:89", "mul:83", "div:79", "square_sum:73"], train_fraction=0.5,

@@ -5,7 +5,9 @@ Notable here:
   different seeds) into `results/<experiment>/results.json`: the headline over seeds
   (`lablib.evidence.aggregate_seeds`), each seed's headline and numbers, the command
   that produced each run, every run's provenance and the machine and load it was
-  measured on.
+  measured on. One run that measured several seeds itself (its results.json lists
+  `seeds` and holds their headline, commands, provenance and load, as notebooks 06, 07
+  and 10 write it) is taken as it is.
 - `render_readme(text, results)` rewrites only what lies between the README's
   `<!-- results:begin -->` and `<!-- results:end -->` markers; `lablib report --check`
   fails when the committed README differs from what it would write, so a number typed
@@ -110,6 +112,9 @@ def collect(run_dirs: Sequence[str | Path], root: Path | None = None, collected_
             raise ReportError(f"{d}: results.json has no 'headline'; its notebook must write one "
                               "(lablib.evidence.Headline(...).to_dict())")
         runs.append((d, params, results))
+    if len(runs) == 1 and len(runs[0][2].get("seeds") or []) > 1:  # one run measured every seed: its own headline
+        return _collect_multi_seed_run(*runs[0], root, collected_with or shlex.join(["lablib", "report", "--collect",
+                                                                                     str(run_dirs[0])]))
     first_dir, first, _ = runs[0]
     experiment = first["experiment"]
     fixed = {k: v for k, v in first.items() if k not in VARYING}
@@ -134,6 +139,20 @@ def collect(run_dirs: Sequence[str | Path], root: Path | None = None, collected_
            "measured_on": {str(seed): results.get("measured_on") for seed, (_, _, results) in zip(seeds, runs)},
            "per_seed": per_seed}
     path = results_root(root) / experiment / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, json.loads(json.dumps(out, allow_nan=False)))
+    return path
+
+
+def _collect_multi_seed_run(d: Path, params: dict[str, Any], results: dict[str, Any], root: Path,
+                            collected_with: str) -> Path:
+    missing = [k for k in ("experiment", "seeds", "commands", "measured_on", "provenance") if k not in results]
+    if missing:
+        raise ReportError(f"{d}: results.json of a run over seeds {results['seeds']} lacks {', '.join(missing)}; "
+                          "its notebook must write them beside the headline")
+    Headline.from_dict(results["headline"])  # a malformed headline is refused here, not in the README
+    out = {**results, "collected_with": collected_with}
+    path = results_root(root) / results["experiment"] / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, json.loads(json.dumps(out, allow_nan=False)))
     return path

@@ -245,9 +245,16 @@ class ModelConfig(Config):
     bias: bool = knob(True, "biases in Linears and LayerNorms, like GPT-2")
     dropout: float = knob(0.0, "dropout on attention, residual and embeddings", min=0.0, max=1.0)
     norm_eps: float = knob(1e-5, "epsilon of the norms", min=0.0)
+    n_experts: int | None = knob(None, "experts per MLP (a mixture of experts, each of width d_mlp); "
+                                       "None: one dense MLP", min=2)
+    moe_top_k: int = knob(1, "experts each token is routed to (mixture of experts)", min=1)
+    moe_aux_coef: float = knob(0.01, "weight of the load-balancing loss added to the objective's loss "
+                                     "(Switch / OLMoE: 0.01)", min=0.0)
 
     def validate(self) -> None:
         super().validate()
+        if self.n_experts is not None and self.moe_top_k > self.n_experts:
+            raise ConfigError(f"parameter 'moe_top_k': expected at most n_experts={self.n_experts}, got {self.moe_top_k}")
         if self.d_model % self.n_head:
             raise ConfigError(f"parameter 'd_model': expected a multiple of n_head={self.n_head}, got {self.d_model}")
         if self.pos == "rope" and (self.d_model // self.n_head) % 2:

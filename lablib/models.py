@@ -22,6 +22,9 @@ Notable here:
   et al.'s n heads on a shared trunk) and `FutureTokenTransformer` (Walker's
   pseudo-sequence decoder). Each has its own config subclass with its extra knobs.
 - `TabularPFN`: the same transformer over table rows (TabPFN), for in-context classification.
+- A mixture of experts: `n_experts` set in the config turns every block's MLP into
+  `MixtureOfExperts` (top-k routing, Switch / OLMoE load-balancing loss, router logits and
+  expert choices as hook points); the default (None) is the dense MLP.
 - `MODELS`, the registry of model classes that a run folder may name: `@register_model`
   on a class (which declares its `config_class`) adds it. `build_registered(name, config,
   source)` is the only way a `model.json` becomes a model: a registered name and config
@@ -240,11 +243,65 @@ class MLP(nn.Module):
         return self.c_proj(self.hook_post(self.act(self.hook_pre(self.c_fc(x)))))
 
 
+def load_balancing_loss(router_probs: torch.Tensor, expert_choice: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss (Fedus et al. 2021, eq. 4; OLMoE uses the same): n_experts * sum_i f_i P_i.
+
+    f_i is the share of the tokens' k routing slots that went to expert i, P_i the mean router
+    probability of expert i. Its minimum, 1, is reached by uniform routing; a router that sends
+    everything to one expert scores n_experts. router_probs: (N, E); expert_choice: (N, k).
+    """
+    counts = torch.zeros(n_experts, device=router_probs.device, dtype=router_probs.dtype)
+    counts.scatter_add_(0, expert_choice.reshape(-1), torch.ones(expert_choice.numel(), device=router_probs.device,
+                                                                 dtype=router_probs.dtype))
+    share = counts / expert_choice.numel()
+    return n_experts * (share * router_probs.mean(0)).sum()
+
+
+class MixtureOfExperts(nn.Module):
+    """Top-k routed experts in place of the dense MLP (Switch / OLMoE style, no capacity limit: no token is dropped).
+
+    A linear router scores the n_experts per token; each token goes to its k most probable
+    experts (each an `MLP` of width d_mlp) and their outputs are summed, weighted by the
+    router probabilities (not renormalised over the k, as in OLMoE, so top-1 routing still
+    trains the router). The load-balancing loss of the last forward pass waits in
+    `aux_loss` until the training loop takes it (`Transformer.pop_auxiliary_loss`).
+    Hook points: `hook_router_logits` (B, T, E) and `hook_expert_choice` (B, T, k) expert ids,
+    sorted by probability; a hook may replace either (the replaced choice is the one used).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_experts, cfg.moe_top_k
+        self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList([MLP(cfg) for _ in range(cfg.n_experts)])
+        self.hook_router_logits, self.hook_expert_choice = HookPoint(), HookPoint()
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        probs = torch.softmax(self.hook_router_logits(self.router(x)).float(), dim=-1)  # (B, T, E)
+        choice = self.hook_expert_choice(probs.topk(self.top_k, dim=-1).indices)  # (B, T, k)
+        gates = probs.gather(-1, choice).type_as(x)
+        flat, choice_flat, gates_flat = x.reshape(-1, C), choice.reshape(-1, self.top_k), gates.reshape(-1, self.top_k)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):  # sparse dispatch: each expert runs on its own tokens only
+            token, slot = torch.nonzero(choice_flat == e, as_tuple=True)
+            if token.numel():
+                out.index_add_(0, token, expert(flat[token]) * gates_flat[token, slot, None])
+        self.aux_loss = load_balancing_loss(probs.reshape(-1, self.n_experts), choice_flat, self.n_experts)
+        return out.view(B, T, C)
+
+
+def make_mlp(cfg: ModelConfig) -> nn.Module:
+    """The block's MLP: dense, or a mixture of experts when cfg.n_experts is set."""
+    return MLP(cfg) if cfg.n_experts is None else MixtureOfExperts(cfg)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.ln1, self.attn = make_norm(cfg), Attention(cfg)
-        self.ln2, self.mlp = make_norm(cfg), MLP(cfg)
+        self.ln2, self.mlp = make_norm(cfg), make_mlp(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         self.parallel = cfg.parallel_residual
         self.hook_resid_pre, self.hook_resid_mid, self.hook_resid_post = HookPoint(), HookPoint(), HookPoint()
@@ -416,6 +473,15 @@ class Transformer(nn.Module):
             logits = self(idx, **kwargs)
         return logits, cache
 
+    def pop_auxiliary_loss(self) -> torch.Tensor | None:
+        """The weighted load-balancing loss of the last forward pass (summed over MoE layers), then cleared;
+        None for a dense model. The training loop adds it to the objective's loss."""
+        losses = [m.aux_loss for m in self.modules() if isinstance(m, MixtureOfExperts) and m.aux_loss is not None]
+        for m in self.modules():
+            if isinstance(m, MixtureOfExperts):
+                m.aux_loss = None
+        return self.cfg.moe_aux_coef * torch.stack(losses).sum() if losses else None
+
     # --- sizes -------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -425,9 +491,15 @@ class Transformer(nn.Module):
                 n -= self.pos_embed.weight.numel()
         return n
 
+    def num_active_params(self) -> int:
+        """Parameters one token uses: all of them for a dense model; a mixture of experts counts k of its n experts."""
+        idle = sum(p.numel() for m in self.modules() if isinstance(m, MixtureOfExperts)
+                   for p in m.experts.parameters()) * (1 - self.cfg.moe_top_k / self.cfg.n_experts) if self.cfg.n_experts else 0
+        return self.num_params() - int(idle)
+
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward): 6N + 12*L*H*Q*T (PaLM appendix B)."""
-        n = self.num_params() - (self.pos_embed.weight.numel() if self.cfg.pos == "learned" else 0)
+        """Training FLOPs per token (forward + backward): 6N + 12*L*H*Q*T (PaLM appendix B), N the active parameters."""
+        n = self.num_active_params() - (self.pos_embed.weight.numel() if self.cfg.pos == "learned" else 0)
         L, H, Q = self.cfg.n_layer, self.cfg.n_head, self.cfg.d_model // self.cfg.n_head
         return 6 * n + 12 * L * H * Q * seq_len
 

@@ -36,6 +36,7 @@ STREAMS = {  # stream name -> its entropy word (never renumber: results depend o
     "corr2cause": 8,  # per micro-batch: the Corr2Cause classes and hypotheses drawn for training
     "icl_regression": 9,  # in-context regression: task pools, training sequences, evaluation sets
     "preferences": 10,  # per epoch: the order of scored segments; per model: its samples and random-token draws
+    "grokking": 11,  # modular groups' train / held-out pairs and, per micro-batch, the equations drawn
 }
 
 M = TypeVar("M", bound=torch.nn.Module)

@@ -15,6 +15,8 @@ Notable here:
 - A NaN or inf loss, or weights that stopped being finite at a checkpoint step, stop
   the run with `TrainingDiverged`, naming the step and the newest checkpoint whose
   weights are all finite (non-finite weights are never saved).
+- A model's own loss terms (a mixture of experts' load-balancing loss, `pop_auxiliary_loss`)
+  are added to the objective's loss at every micro-batch and logged as `aux_loss`.
 - Resuming starts from the newest checkpoint that is intact and holds optimizer state
   (`checkpoints.newest_loadable`), saying in one line when it skipped a newer one.
 """
@@ -181,6 +183,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, policy: HardwarePol
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **kwargs)
 
 
+def auxiliary_loss(model: torch.nn.Module) -> torch.Tensor | None:
+    """The model's own loss terms of its last forward pass (a mixture of experts' load balancing), or None."""
+    pop = getattr(unwrap(model), "pop_auxiliary_loss", None)
+    return pop() if pop is not None else None
+
+
 def mfu(flops_per_token: float, tokens_per_s: float, device: str) -> float | None:
     if device != "cuda":
         return None
@@ -335,6 +343,9 @@ def train(model: torch.nn.Module, objective: Objective, data: BatchSource, cfg: 
                 with policy.autocast():
                     loss, obj_metrics = objective(net, batch, gen)
                 scaled = loss / accum
+                if (aux := auxiliary_loss(model)) is not None:  # a mixture of experts' load balancing: optimised,
+                    obj_metrics = {**obj_metrics, "aux_loss": float(aux.detach())}  # logged apart from `loss`
+                    scaled = scaled + aux / accum
                 (scaler.scale(scaled) if scaler else scaled).backward()
             step_loss += loss.detach() / accum
         if dist is not None:

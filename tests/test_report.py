@@ -241,3 +241,18 @@ def test_collect_takes_a_run_that_measured_every_seed_as_it_is(lab, tmp_path):
     (folder / "results.json").write_text(json.dumps(results))
     with pytest.raises(ReportError, match="headline value is over n=1"):
         collect([folder], root=root)
+def test_collect_keeps_the_tables_of_a_run_that_measured_every_seed(lab):
+    root, (one, *_) = lab
+    head = Headline.of("held-out accuracy", 0.9, Baselines.of(0.1, 0.05, 0.2, "most frequent answer"), split="test")
+    results = json.loads((one / "results.json").read_text())
+    from lablib.evidence import aggregate_seeds
+
+    over = aggregate_seeds({s: Headline.of("held-out accuracy", v, head.baselines, "test")
+                            for s, v in ((0, 0.9), (1, 0.8), (2, 0.85))}).to_dict()
+    results.update(seeds=[0, 1, 2], headline=over, commands=["lablib run notebooks/10_x.ipynb --preset cpu"],
+                   provenance={"0": {}, "1": {}, "2": {}})
+    (one / "results.json").write_text(json.dumps(results))
+    data = json.loads(collect([one], root=root).read_text())
+    assert data["seeds"] == [0, 1, 2] and data["headline"]["value"]["n"] == 3
+    assert data["collected_with"].startswith("lablib report --collect")
+    assert set(data["provenance"]) == {"0", "1", "2"}  # each seed's provenance, from the run's params.json

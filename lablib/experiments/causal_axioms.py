@@ -489,16 +489,16 @@ def model_run(run, name: str, cfg: CausalAxiomsConfig):
     """A sub-run folder models/<name>/ of the study's run (its own metrics and checkpoints), or None."""
     if run is None:
         return None
-    from lablib.runs import create_run
+    from lablib.runs import start_run
 
-    return create_run(run.path / "models" / name, cfg)
+    return start_run(EXPERIMENT, cfg, run.path / "models" / name, model=name)
 
 
-def run_study(cfg: CausalAxiomsStudyConfig, run=None, *, progress: bool = False, log=print) -> dict[str, Any]:
+def run_study(cfg: CausalAxiomsStudyConfig, run=None, *, sets=None, progress: bool = False, log=print) -> dict[str, Any]:
     """The encoding study in one process. Per encoding: every recipe at seed `seeds[0]`, scored on dev;
     the recipe with the best dev in-distribution accuracy is kept; the remaining seeds train at it;
     only then are the kept runs (and their untrained step-0 models) scored on test."""
-    sets = evaluation_sets(cfg)
+    sets = sets if sets is not None else evaluation_sets(cfg)
     tokenizer = task_tokenizer(cfg.tokenizer, cfg.bos)
     search, chosen, test, untrained, seconds = [], {}, {}, {}, {}
     first = cfg.seeds[0]
@@ -586,7 +586,8 @@ def reference_rows(study: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def headlines(study: dict[str, Any], set_name: str = "in_distribution", measure: str = "accuracy") -> dict[str, Headline]:
+def headlines(study: dict[str, Any], set_name: str = "in_distribution", measure: str = "accuracy",
+              per_seed_too: bool = False) -> dict[str, Any]:
     """Per encoding: test `measure` on `set_name` over seeds beside chance, the untrained model and
     edge lookup (trivial), with majority and mention order as further points; paired over seeds."""
     refs = study["references"]
@@ -599,7 +600,7 @@ def headlines(study: dict[str, Any], set_name: str = "in_distribution", measure:
                                      value(refs["edge lookup"]), "edge lookup (Yes iff 'A causes B.' is a premise)",
                                      majority=value(refs["majority"]), **{"mention order": value(refs["mention order"])})
             per[seed] = Headline.of(f"test {measure} ({set_name})", value(scores), baselines, "test")
-        out[pos] = aggregate_seeds(per)
+        out[pos] = (aggregate_seeds(per), per) if per_seed_too else aggregate_seeds(per)
     return out
 
 
@@ -623,10 +624,14 @@ def results_dict(cfg: CausalAxiomsStudyConfig, study: dict[str, Any], wall_secon
     per-encoding headlines for every set and measure, the tables and the recipe search."""
     dev_best = max(study["chosen"], key=lambda pos: max(r["dev_in_distribution"] for r in study["search"]
                                                           if r["pos"] == pos))
-    per_encoding = {pos: {f"{s}/{m}": h.to_dict() for s in study["references"]["chance"] for m in MEASURES
-                          for h in [headlines(study, s, m)[pos]]} for pos in study["test"]}
+    measured = [(s, m) for s in study["references"]["chance"] for m in MEASURES
+                if all(scores[s][m] is not None for per in study["test"].values() for scores in per.values())]
+    per_encoding = {pos: {f"{s}/{m}": headlines(study, s, m)[pos].to_dict() for s, m in measured}
+                    for pos in study["test"]}
+    over, per_seed = headlines(study, per_seed_too=True)[dev_best]
     return {"experiment": EXPERIMENT, "preset": cfg.preset, "seeds": list(cfg.seeds), "split": "test",
-            "headline": headlines(study)[dev_best].to_dict(), "headline_encoding": dev_best,
+            "headline": over.to_dict(), "headline_encoding": dev_best,
+            "per_seed": {str(seed): {"headline": h.to_dict(), "encoding": dev_best} for seed, h in per_seed.items()},
             "encoding_chosen_on": "dev", "recipes_chosen_on": "dev", "commands": [command],
             "chosen_recipes": study["chosen"], "recipe_search": study["search"],
             "per_encoding": per_encoding, "by_size": size_table(study),

@@ -190,8 +190,9 @@ def test_interrupting_a_sweep_stops_its_running_points_and_starts_no_more(isolat
 
 def test_sigterm_to_lablib_run_of_a_sweep_notebook_stops_every_point_and_says_how_to_resume(isolated_runs):
     notebook = str(REPO / "notebooks" / "02_objectives.ipynb")  # a driver: one point per (objective, seed)
-    proc = subprocess.Popen([sys.executable, "-m", "lablib.cli", "run", notebook, "--preset", "smoke", "-p", "seeds",
-                             "[0, 1]", "-p", "steps", "5000", "-p", "checkpoint_every", "20"], stdout=subprocess.DEVNULL,
+    # the cpu preset's points train for minutes (two at a time), so both are alive when the signal comes
+    proc = subprocess.Popen([sys.executable, "-m", "lablib.cli", "run", notebook, "--preset", "cpu", "-p",
+                             "decoder_objectives", '["clm"]', "-p", "encdec_objectives", "[]"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and len(points := list(isolated_runs.glob("objectives_run/*/objective=*"))) < 2:

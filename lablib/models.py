@@ -9,7 +9,9 @@ Notable here:
   `attn_mask`, True = may attend). The mode is the config's default and can be
   changed per call.
 - Positional encodings: `learned`, `sinusoidal`, `rope` (on all or, as in GPT-NeoX,
-  a leading share of each head's channels), `none` (NoPE).
+  a leading share of each head's channels), `none` (NoPE). Added encodings are on the
+  token embeddings' scale: learned positions start N(0, EMBED_STD) like tokens, and the
+  sinusoidal table is scaled to root-mean-square EMBED_STD per channel (row norms equal).
 - Blocks are sequential by default; `parallel_residual` feeds attention and MLP the
   same input, as GPT-NeoX (Pythia) and GPT-J do.
 - Every interesting activation passes through a `HookPoint` with a stable dotted

@@ -241,7 +241,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="execute a notebook into a new run folder")
     run.add_argument("notebook")
-    run.add_argument("--preset", choices=["smoke", "cpu", "gpu"], help="default: $LABLIB_PRESET or cpu")
+    run.add_argument("--preset", help="smoke | cpu | gpu, or a preset the notebook's config adds (e.g. paper); "
+                     "default: $LABLIB_PRESET or cpu")
     run.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"))
     where = run.add_mutually_exclusive_group()
     where.add_argument("--run-dir", help="write into this folder instead of runs/<experiment>/<run-id>")

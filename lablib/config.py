@@ -179,8 +179,9 @@ class Config:
     def resolve(cls, preset: str | None = None, **overrides: Any):
         """Defaults, then the preset's values, then overrides (None means 'keep the preset's')."""
         preset = preset or default_preset()
-        if preset not in PRESETS:
-            raise ConfigError(f"parameter 'preset': expected one of {', '.join(PRESETS)}, got {preset!r}")
+        if preset not in PRESETS and preset not in cls.presets:  # a class may add presets of its own (e.g. `paper`)
+            known = ", ".join([*PRESETS, *(p for p in cls.presets if p not in PRESETS)])
+            raise ConfigError(f"parameter 'preset': expected one of {known}, got {preset!r}")
         values: dict[str, Any] = {}
         for name, value in cls.presets.get(preset, {}).items():
             values[name] = cls.check(name, value)

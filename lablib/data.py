@@ -38,6 +38,7 @@ import torch
 from lablib.seeding import torch_generator
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<mask>", "<eos>")
+BOS_TOKEN = "<bos>"  # optional: a tokenizer that has it starts every sequence of its task with it
 
 
 def cache_dir() -> Path:
@@ -223,6 +224,7 @@ class Tokenizer:
         if missing:
             raise ValueError(f"tokenizer lacks the special tokens {missing}; expected all of {SPECIAL_TOKENS}")
         self.pad_id, self.unk_id, self.mask_id, self.eos_id = (backend.token_to_id(t) for t in SPECIAL_TOKENS)
+        self.bos_id: int | None = backend.token_to_id(BOS_TOKEN)  # None: this tokenizer has no BOS
 
     @property
     def vocab_size(self) -> int:

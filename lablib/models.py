@@ -9,7 +9,9 @@ Notable here:
   `attn_mask`, True = may attend). The mode is the config's default and can be
   changed per call.
 - Positional encodings: `learned`, `sinusoidal`, `rope` (on all or, as in GPT-NeoX,
-  a leading share of each head's channels), `none` (NoPE).
+  a leading share of each head's channels), `none` (NoPE). Added encodings are on the
+  token embeddings' scale: learned positions start N(0, EMBED_STD) like tokens, and the
+  sinusoidal table is scaled to root-mean-square EMBED_STD per channel (row norms equal).
 - Blocks are sequential by default; `parallel_residual` feeds attention and MLP the
   same input, as GPT-NeoX (Pythia) and GPT-J do.
 - Every interesting activation passes through a `HookPoint` with a stable dotted
@@ -137,14 +139,20 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
-    """The fixed encoding of 'Attention Is All You Need' (sin on even, cos on odd channels)."""
+EMBED_STD = 0.02  # init std of token (and learned position) embeddings; the sinusoidal table is scaled to match
+
+
+def sinusoidal_table(n_positions: int, dim: int, std: float = EMBED_STD) -> torch.Tensor:
+    """The fixed encoding of 'Attention Is All You Need' (sin on even, cos on odd channels), scaled so
+    every channel has root-mean-square `std`: each row's norm is std * sqrt(dim), the expected norm of
+    an N(0, std) token embedding, so neither drowns the other in their sum (unscaled, a row's norm is
+    sqrt(dim / 2), ~35x a token's at std 0.02)."""
     pos = torch.arange(n_positions, dtype=torch.float32)[:, None]
     freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
     table = torch.zeros(n_positions, dim)
     table[:, 0::2] = torch.sin(pos * freq)
     table[:, 1::2] = torch.cos(pos * freq[: dim // 2])
-    return table
+    return table * (std * math.sqrt(2.0))
 
 
 def rope_tables(n_positions: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,7 +362,7 @@ class Transformer(nn.Module):
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=EMBED_STD)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 

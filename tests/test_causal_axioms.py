@@ -1,4 +1,5 @@
-"""The causal-transitivity task: labels, evaluation sets, the text interface and answer scoring."""
+"""The causal-transitivity task: labels, hop counts, hard negatives, evaluation splits, baselines, BOS,
+the text interface, answer scoring and the embedding-scale convention."""
 
 import math
 import re
@@ -8,17 +9,23 @@ import numpy as np
 import pytest
 import torch
 
-from lablib.config import ConfigError
+from lablib.config import ConfigError, ModelConfig
+from lablib.evidence import split_of
+from lablib.models import EMBED_STD, Transformer
 from lablib.runs import create_run, open_run
-from lablib.experiments.causal_axioms import (AnswerLoss, CausalAxiomsConfig, TransitivityBatches, build_model,
-                                              evaluation_sets, largest_chain, longest_name, train_model,
+from lablib.experiments.causal_axioms import (AnswerLoss, CausalAxiomsConfig, CausalAxiomsStudyConfig,
+                                              TransitivityBatches, build_model, evaluation_sets, items, largest_chain,
+                                              longest_name, quotas, reference_scores, run_study, score, train_model,
                                               training_examples, training_groups)
-from lablib.tasks.causal_axioms import (ALPHABET, answer, answer_log_probs, ask, branching_dag, encode_answered,
-                                        encode_examples, encode_packed, is_evaluation_graph, linear_chain,
-                                        question_prompt, task_tokenizer, trim_padding)
+from lablib.tasks.causal_axioms import (ALPHABET, CausalGraph, Example, answer, answer_log_probs, ask, branching_dag,
+                                        edge_lookup, encode_answered, encode_examples, encode_packed,
+                                        is_evaluation_graph, linear_chain, mention_order, question_prompt,
+                                        task_tokenizer, trim_padding)
 
 
 def small_config(**overrides):
+    if overrides.get("tokenizer") == "char":  # ~2.5x the paper tokenizer's tokens
+        overrides = {"seq_len": 260, "max_seq_len": 420, **overrides}
     return CausalAxiomsConfig.resolve("smoke", **overrides)
 
 
@@ -79,55 +86,11 @@ def test_reversed_order_states_the_chain_backwards():
     assert graph.edges == ((2, 3), (1, 2), (0, 1))
 
 
-def test_evaluation_sets_are_balanced_and_sized():
-    cfg = small_config(eval_examples=20, eval_chain_lengths=[7, 20], reversed_lengths=[3, 9],
-                       branching_nodes=[5, 12], branching_factors=[1.4, 2.0])
-    sets = evaluation_sets(cfg)
-    assert set(sets) == {"in_distribution", "chain", "reversed", "branch_1.4", "branch_2"}
-    assert list(sets["chain"]) == [7, 20] and list(sets["in_distribution"]) == [3, 4, 5, 6]
-    for name, by_size in sets.items():
-        for n, examples in by_size.items():
-            assert len(examples) == 20, (name, n)
-            assert sum(e.label for e in examples) == 10, (name, n)
-            assert all(e.graph.n_nodes == n for e in examples), (name, n)
-
-
-def test_evaluation_sets_are_the_same_for_every_run():
-    cfg = small_config()
-    first, second = evaluation_sets(cfg), evaluation_sets(small_config(seed=5, pos="rope"))
-    assert [e.prompt for e in first["chain"][7]] == [e.prompt for e in second["chain"][7]]
-
-
-def test_evaluation_graphs_never_appear_in_training():
-    cfg = small_config(eval_examples=100)
-    eval_keys = {e.graph.key() for by_size in evaluation_sets(cfg).values() for ex in by_size.values() for e in ex}
-    train = training_examples(np.random.default_rng(6), cfg, 5000)
-    train_keys = {e.graph.key() for e in train}
-    assert all(is_evaluation_graph(e.graph) for by_size in evaluation_sets(cfg).values()
-               for ex in by_size.values() for e in ex)
-    assert not any(is_evaluation_graph(e.graph) for e in train)
-    assert not eval_keys & train_keys
-
-
-def test_training_batches_are_reproducible_balanced_and_padded():
-    cfg = small_config(questions_per_graph=1)
-    tok = task_tokenizer()
-    source = TransitivityBatches(cfg, tok)
-    batch = source.batch(3, 16, seed=7)
-    assert torch.equal(batch["tokens"], source.batch(3, 16, seed=7)["tokens"])
-    assert not torch.equal(batch["tokens"], source.batch(4, 16, seed=7)["tokens"])
-    assert batch["tokens"].shape == (16, cfg.seq_len + 1)
-    answers = [tok.decode(row[mask].tolist()) for row, mask in zip(batch["tokens"], batch["answer_mask"])]
-    assert sorted(answers) == ["No"] * 8 + ["Yes"] * 8
-    texts = [tok.decode([t for t in row.tolist() if t != tok.pad_id]) for row in batch["tokens"]]
-    assert all(t.endswith(("? Yes", "? No")) for t in texts)
-
-
 @pytest.mark.parametrize("kind", ["char", "paper"])
 @pytest.mark.parametrize("pos", ["none", "learned", "sinusoidal", "rope"])
 def test_packed_questions_score_exactly_like_single_questions(kind, pos):
     cfg = small_config(tokenizer=kind, pos=pos)
-    tok = task_tokenizer(kind)
+    tok = task_tokenizer(kind, cfg.bos)
     model = build_model(cfg, tok).eval()
     groups = training_groups(np.random.default_rng(3), cfg, 5, 4)
     packed = encode_packed(tok, groups)
@@ -142,8 +105,8 @@ def test_packed_questions_score_exactly_like_single_questions(kind, pos):
 
 
 def test_packed_training_batches_hold_balanced_questions_about_one_graph_each():
-    cfg = small_config(questions_per_graph=4, seq_len=240)
-    tok = task_tokenizer()
+    cfg = small_config(questions_per_graph=4)
+    tok = task_tokenizer(cfg.tokenizer, cfg.bos)
     batch = TransitivityBatches(cfg, tok).batch(0, 8, seed=1)
     length = batch["tokens"].shape[1]  # cut after the longest row
     assert length <= cfg.seq_len + 1 and (batch["tokens"][:, -1] != tok.pad_id).any()
@@ -161,8 +124,8 @@ def test_packed_training_batches_hold_balanced_questions_about_one_graph_each():
 
 
 def test_trimming_packed_padding_leaves_the_loss_unchanged():
-    cfg = small_config(questions_per_graph=4, seq_len=240)
-    tok = task_tokenizer()
+    cfg = small_config(questions_per_graph=4)
+    tok = task_tokenizer(cfg.tokenizer, cfg.bos)
     model = build_model(cfg, tok).eval()
     groups = training_groups(np.random.default_rng(5), cfg, 6, 4)
     padded = encode_packed(tok, groups, cfg.seq_len + 1)
@@ -175,15 +138,10 @@ def test_trimming_packed_padding_leaves_the_loss_unchanged():
     assert math.isclose(float(loss_padded), float(loss_trimmed), rel_tol=1e-5)
 
 
-def test_packed_sequences_must_fit_seq_len():
-    with pytest.raises(ConfigError, match="8 questions"):
-        small_config(questions_per_graph=8)
-
-
 def test_curriculum_grows_training_chains_from_two_nodes_and_leaves_evaluation_alone():
     cfg = small_config(curriculum_fraction=0.5, steps=100)
     assert [largest_chain(cfg, p) for p in (0.0, 0.09, 0.1, 0.3, 0.49, 0.5, 1.0)] == [2, 2, 3, 5, 6, 6, 6]
-    source = TransitivityBatches(cfg, task_tokenizer())
+    source = TransitivityBatches(cfg, task_tokenizer(cfg.tokenizer, cfg.bos))
     tok = source.tokenizer
     first = tok.decode([t for t in source.batch(0, 16, seed=0)["tokens"][0].tolist() if t != tok.pad_id])
     assert first.count("causes") == 1  # a 2-node chain at the start
@@ -223,7 +181,7 @@ def test_paper_tokenizer_keeps_keywords_whole_and_spells_names():
 @pytest.mark.parametrize("kind", ["char", "paper"])
 def test_answer_agrees_with_the_training_loss(kind):
     cfg = small_config(tokenizer=kind)
-    tok = task_tokenizer(kind)
+    tok = task_tokenizer(kind, cfg.bos)
     model = build_model(cfg, tok).eval()
     graph = linear_chain(np.random.default_rng(8), 4, flip_prob=0.5)
     a, b = graph.names[0], graph.names[3]
@@ -241,7 +199,7 @@ def test_answer_agrees_with_the_training_loss(kind):
 
 def test_config_refuses_a_model_too_short_for_the_evaluation_graphs():
     with pytest.raises(ConfigError, match="max_seq_len"):
-        small_config(max_seq_len=200)
+        small_config(max_seq_len=150)
     with pytest.raises(ConfigError, match="eval_examples"):
         small_config(eval_examples=7)
     with pytest.raises(ConfigError, match="seq_len"):
@@ -257,3 +215,167 @@ def test_trained_model_reloads_from_its_run_folder(tmp_path):
     reloaded, reloaded_tok = open_run(run.path).load_model()
     prompt = [question_prompt("a causes b. b causes c.", "a", "c")]
     np.testing.assert_allclose(answer_log_probs(reloaded, reloaded_tok, prompt), answer_log_probs(model.cpu(), tok, prompt))
+
+
+# --- hop counts, hard negatives, evaluation splits -------------------------------------------------
+
+def test_hop_counts_are_networkx_shortest_paths():
+    for graph in random_graphs(600, seed=11):
+        g = graph.to_networkx()
+        hops = graph.hop_counts()
+        for a in range(graph.n_nodes):
+            lengths = nx.single_source_shortest_path_length(g, graph.names[a])
+            for b in range(graph.n_nodes):
+                want = lengths.get(graph.names[b], 0) if a != b else 0
+                assert hops[a, b] == want, (graph.premises(), a, b)
+
+
+def test_ask_gives_the_hop_count_and_negative_kind_it_claims():
+    rng = np.random.default_rng(12)
+    seen = set()
+    for graph in random_graphs(400, seed=12):
+        g = graph.to_networkx()
+        for h in range(1, graph.n_nodes):
+            try:
+                e = ask(rng, graph, True, hops=h)
+            except ValueError:
+                continue
+            assert nx.shortest_path_length(g, graph.names[e.a], graph.names[e.b]) == h == e.hops
+            seen.add(h)
+        for kind in ("reversed", "unrelated"):
+            try:
+                e = ask(rng, graph, False, negative=kind)
+            except ValueError:
+                continue
+            a, b = graph.names[e.a], graph.names[e.b]
+            assert not nx.has_path(g, a, b) and e.kind == kind
+            assert nx.has_path(g, b, a) == (kind == "reversed")
+    assert {1, 2, 3, 4, 5} <= seen
+
+
+def test_hard_negatives_have_the_reversed_path_and_the_same_words():
+    graph = CausalGraph(("A", "B", "C"), ((0, 1), (1, 2)))  # A -> B -> C
+    e = ask(np.random.default_rng(0), graph, False, negative="reversed")
+    assert (graph.names[e.a], graph.names[e.b]) in {("B", "A"), ("C", "B"), ("C", "A")}
+    words = set(e.graph.premises().replace(".", "").split())
+    assert {graph.names[e.a], graph.names[e.b]} <= words
+    assert nx.has_path(graph.to_networkx(), graph.names[e.b], graph.names[e.a])
+    with pytest.raises(ValueError, match="unrelated"):
+        ask(np.random.default_rng(0), graph, False, negative="unrelated")  # a plain chain links every pair
+
+
+def test_evaluation_splits_hold_their_quotas_and_half_of_yes_is_multi_hop():
+    cfg = small_config(eval_examples=12)
+    sets = evaluation_sets(cfg)
+    assert set(sets) == {"in_distribution", "chain", "reversed", "branch_1.4", "branch_2"}
+    assert list(sets["in_distribution"]) == [3, 4, 5, 6] and list(sets["chain"]) == [7, 15]
+    q = quotas(cfg)
+    for name, by_size in sets.items():
+        for n, splits in by_size.items():
+            for split, examples in splits.items():
+                assert len(examples) == 12 and all(e.graph.n_nodes == n for e in examples)
+                yes = [e for e in examples if e.label]
+                assert len(yes) == 6
+                assert sum(e.hops >= 2 for e in yes) == q["multi_hop"] >= len(yes) / 2, (name, n, split)
+                kinds = [e.kind for e in examples if not e.label]
+                if name == "reversed":  # an unflipped chain has no unrelated pair
+                    assert kinds.count("reversed") == 6
+                else:
+                    assert kinds.count("reversed") == q["reversed"] and kinds.count("unrelated") == q["unrelated"]
+                g = nx.DiGraph()
+                for e in examples:  # every label is a path check
+                    g = e.graph.to_networkx()
+                    assert e.label == nx.has_path(g, e.graph.names[e.a], e.graph.names[e.b])
+
+
+def test_dev_and_test_are_disjoint_by_graph_and_both_held_out_from_training():
+    cfg = small_config(eval_examples=20)
+    sets = evaluation_sets(cfg)
+    dev, test = items(sets, "dev"), items(sets, "test")
+    assert all(split_of(e.graph.key()) == "dev" for e in dev) and all(split_of(e.graph.key()) == "test" for e in test)
+    assert not {e.graph.key() for e in dev} & {e.graph.key() for e in test}
+    assert all(is_evaluation_graph(e.graph) for e in dev + test)
+    train = training_examples(np.random.default_rng(6), cfg, 2000)
+    assert not any(is_evaluation_graph(e.graph) for e in train)
+
+
+def test_evaluation_sets_are_the_same_for_every_run():
+    first, second = evaluation_sets(small_config()), evaluation_sets(small_config(seed=5, pos="rope"))
+    assert [e.prompt for e in first["chain"][7]["test"]] == [e.prompt for e in second["chain"][7]["test"]]
+
+
+def test_training_questions_are_balanced_and_mostly_multi_hop_where_possible():
+    cfg = small_config(questions_per_graph=4)
+    groups = training_groups(np.random.default_rng(1), cfg, 300, 4)
+    flat = [e for g in groups for e in g]
+    yes = [e for e in flat if e.label]
+    assert len(yes) == len(flat) // 2
+    assert np.mean([e.hops >= 2 for e in yes]) > 0.4  # 2/3 where the chain has a longer path
+    assert {e.kind for e in flat if not e.label} == {"reversed", "unrelated"}
+
+
+# --- baselines ------------------------------------------------------------------------------------
+
+def test_trivial_rules_on_hand_made_items():
+    graph = CausalGraph(("A", "B", "C", "D"), ((1, 2), (0, 1), (3, 2)))  # "B causes C. A causes B. D causes C."
+    ex = lambda a, b: Example(graph, a, b, bool(graph.reachability()[a, b]))  # noqa: E731
+    assert edge_lookup(ex(0, 1)) and edge_lookup(ex(1, 2)) and not edge_lookup(ex(0, 2))  # A->C needs two hops
+    assert not edge_lookup(ex(1, 0))
+    # mention order: B, C, A, D
+    assert mention_order(ex(1, 0)) and mention_order(ex(2, 3)) and not mention_order(ex(0, 2))
+    sets = {"hand": {4: {"dev": [ex(0, 1), ex(0, 2), ex(1, 0), ex(0, 3)], "test": [ex(0, 1), ex(0, 2), ex(1, 0), ex(0, 3)]}}}
+    refs = reference_scores(sets, "test")
+    assert refs["chance"]["hand"]["accuracy"] == 0.5
+    assert refs["edge lookup"]["hand"]["accuracy"] == 0.75  # wrong only on the two-hop Yes
+    assert refs["edge lookup"]["hand"]["yes_multi_hop"] == 0.0 and refs["edge lookup"]["hand"]["reversed"] == 1.0
+    assert refs["majority"]["hand"]["accuracy"] == 0.5  # dev is balanced: Yes on a tie
+    assert refs["mention order"]["hand"]["accuracy"] == 0.0  # B, C, A, D: wrong on all four
+
+
+# --- BOS and embedding scale ------------------------------------------------------------------------
+
+def first_tokens(model, tok, premises, a, b):
+    seen = []
+    handle = model.embed.register_forward_hook(lambda m, args, out: seen.append(args[0][:, 0].tolist()))
+    try:
+        answer(model, tok, premises, a, b)
+    finally:
+        handle.remove()
+    return {t for batch in seen for t in batch}
+
+
+@pytest.mark.parametrize("kind", ["char", "paper"])
+def test_answer_adds_bos_only_when_the_model_uses_one(kind):
+    premises = "a causes b. b causes c."
+    plain, with_bos = task_tokenizer(kind), task_tokenizer(kind, bos=True)
+    assert plain.bos_id is None and with_bos.bos_id == with_bos.vocab_size - 1
+    assert with_bos.encode(premises) == plain.encode(premises)  # the text itself tokenizes the same
+    m_plain = build_model(small_config(tokenizer=kind, bos=False), plain)
+    m_bos = build_model(small_config(tokenizer=kind, bos=True), with_bos)
+    assert first_tokens(m_bos, with_bos, premises, "a", "c") == {with_bos.bos_id}
+    assert first_tokens(m_plain, plain, premises, "a", "c") == set(plain.encode("a"))
+    batch = TransitivityBatches(small_config(tokenizer=kind), with_bos).batch(0, 4, seed=0)
+    assert (batch["tokens"][:, 0] == with_bos.bos_id).all()  # training rows start with it too
+    with pytest.raises(ValueError, match="tokenizer has"):
+        answer(m_plain, with_bos, premises, "a", "c")
+
+
+@pytest.mark.parametrize("d_model", [32, 64, 512])
+@pytest.mark.parametrize("pos", ["learned", "sinusoidal"])
+def test_position_and_token_embeddings_have_row_norms_within_a_small_factor(pos, d_model):
+    model = Transformer(ModelConfig(vocab_size=80, d_model=d_model, n_head=4, n_layer=1, max_seq_len=256, pos=pos))
+    token = model.embed.weight.norm(dim=-1)
+    position = (model.pos_table if pos == "sinusoidal" else model.pos_embed.weight).norm(dim=-1)
+    ratio = float(position.mean() / token.mean())
+    assert 0.8 < ratio < 1.25, ratio
+    assert math.isclose(float(position.mean()), EMBED_STD * math.sqrt(d_model), rel_tol=0.1)
+
+
+def test_study_searches_recipes_on_dev_and_scores_test_only_for_the_kept_runs():
+    cfg = CausalAxiomsStudyConfig.resolve("smoke", encodings=["rope"], seeds=[0, 1], learning_rates=[1e-3, 3e-3],
+                                          steps=3, eval_examples=4, eval_chain_lengths=[7], branching_factors=[1.4],
+                                          branching_nodes=[6], reversed_lengths=[4])
+    study = run_study(cfg, log=lambda *a: None)
+    assert [(r["learning_rate"], r["seed"]) for r in study["search"]] == [(1e-3, 0), (3e-3, 0)]
+    assert study["chosen"]["rope"] in cfg.recipes() and set(study["test"]["rope"]) == {0, 1}
+    assert set(study["untrained"]["rope"]) == {0, 1}

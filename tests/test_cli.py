@@ -189,12 +189,13 @@ def test_interrupting_a_sweep_stops_its_running_points_and_starts_no_more(isolat
 
 
 def test_sigterm_to_lablib_run_of_a_sweep_notebook_stops_every_point_and_says_how_to_resume(isolated_runs):
-    notebook = str(REPO / "notebooks" / "03_causal_axioms.ipynb")  # a driver: one point per (encoding, seed)
-    proc = subprocess.Popen([sys.executable, "-m", "lablib.cli", "run", notebook, "--preset", "smoke", "-p", "steps",
-                             "5000", "-p", "checkpoint_every", "50"], stdout=subprocess.DEVNULL,
+    notebook = str(REPO / "notebooks" / "02_objectives.ipynb")  # a driver: one point per (objective, seed)
+    # the cpu preset's points train for minutes (two at a time), so both are alive when the signal comes
+    proc = subprocess.Popen([sys.executable, "-m", "lablib.cli", "run", notebook, "--preset", "cpu", "-p",
+                             "decoder_objectives", '["clm"]', "-p", "encdec_objectives", "[]"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
-    while time.time() < deadline and len(points := list(isolated_runs.glob("causal_axioms_run/sweep-*/pos=*"))) < 2:
+    while time.time() < deadline and len(points := list(isolated_runs.glob("objectives_run/*/objective=*"))) < 2:
         time.sleep(0.2)
     _wait_for_checkpoints(points)
     kernels = [json.loads((p / "status.json").read_text())["pid"] for p in points]
@@ -203,7 +204,7 @@ def test_sigterm_to_lablib_run_of_a_sweep_notebook_stops_every_point_and_says_ho
     assert proc.returncode == 128 + signal.SIGTERM
     assert "--resume" in stderr.strip().splitlines()[-1]
     _assert_points_stopped(points, kernels)
-    driver = next(isolated_runs.glob("causal_axioms/*/status.json"))
+    driver = next(isolated_runs.glob("objectives/*/status.json"))
     assert json.loads(driver.read_text())["status"] == "stopped"
 
 

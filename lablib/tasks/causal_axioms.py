@@ -13,8 +13,16 @@ Notable here:
 - Format as in the paper's repository (github.com/AniketVashishtha/Causal_Axioms): node
   names are random 1-3 character alphanumeric strings (never `Yes` / `No`); the label is
   `Yes` exactly when a directed path leads from A to B (transitive closure, checked against
-  networkx in tests). Questions are drawn uniformly over the ordered pairs with the wanted
-  label (direct edges, multi-hop paths, reversed pairs, unconnected pairs).
+  networkx in tests). `ask` draws a question with a wanted label, and optionally a wanted hop
+  count (the shortest path from A to B, 1 = a stated edge) or a wanted kind of negative:
+  `reversed` (B reaches A, so the same two names are linked, the other way: the hard negative)
+  or `unrelated` (neither reaches the other). `Example.hops` / `Example.kind` say which.
+- Trivial rules, scored on the same items as the model (`rule_answers`): `edge_lookup`
+  (Yes iff "A causes B." is a premise) and `mention_order` (Yes iff A is first mentioned
+  before B).
+- BOS: a tokenizer built with `bos=True` holds a `<bos>` token, and a model trained with it
+  uses one: every encoder here (training, `answer`, `yes_probabilities`) starts each sequence
+  with it exactly when the tokenizer has it, so callers never add it themselves.
 - Training and evaluation graphs are disjoint by construction: a graph (its named edge set,
   whatever the statement order) belongs to evaluation when the CRC32 of its key is
   divisible by `EVAL_SHARE`; generators take `evaluation=` and redraw names until the graph
@@ -36,11 +44,12 @@ import networkx as nx
 import numpy as np
 import torch
 
-from lablib.data import SPECIAL_TOKENS, Tokenizer, char_tokenizer
+from lablib.data import BOS_TOKEN, SPECIAL_TOKENS, Tokenizer, char_tokenizer
 
 NAME_CHARS = string.ascii_letters + string.digits
 ALPHABET = NAME_CHARS + " .?"  # every character the task's text can hold
 ANSWERS = {True: "Yes", False: "No"}
+NEGATIVE_KINDS = ("reversed", "unrelated")  # B reaches A (hard: same names, linked the other way); not linked
 KEYWORDS = ("causes", "cause", "Does", "Yes", "No")  # single tokens under the paper's tokenizer
 EVAL_SHARE = 8  # one graph in 8 (by key hash) is reserved for evaluation
 LONGEST_NAME = 3
@@ -75,6 +84,20 @@ class CausalGraph:
         for k in range(n):  # Warshall's transitive closure, one row-broadcast per pivot
             reach |= reach[:, k:k + 1] & reach[k:k + 1, :]
         return reach
+
+    def hop_counts(self) -> np.ndarray:
+        """(n, n) int: the number of edges on the shortest directed path from a to b, 0 when none leads there."""
+        n = self.n_nodes
+        step = np.zeros((n, n), dtype=bool)
+        for c, e in self.edges:
+            step[c, e] = True
+        hops = np.zeros((n, n), dtype=int)
+        frontier = step.copy()
+        for k in range(1, n):  # frontier: pairs joined by a walk of exactly k edges
+            hops[frontier & (hops == 0)] = k
+            frontier = (frontier.astype(np.int64) @ step.astype(np.int64)) > 0
+        np.fill_diagonal(hops, 0)
+        return hops
 
     def to_networkx(self) -> nx.DiGraph:
         g = nx.DiGraph()
@@ -142,6 +165,18 @@ class Example:
     label: bool  # True: a directed path leads from a to b
 
     @property
+    def hops(self) -> int:
+        """Edges on the shortest path from a to b (0 for a No question)."""
+        return int(self.graph.hop_counts()[self.a, self.b])
+
+    @property
+    def kind(self) -> str:
+        """'yes', or the negative's kind: 'reversed' (b reaches a) or 'unrelated'."""
+        if self.label:
+            return "yes"
+        return "reversed" if self.graph.reachability()[self.b, self.a] else "unrelated"
+
+    @property
     def prompt(self) -> str:
         return question_prompt(self.graph.premises(), self.graph.names[self.a], self.graph.names[self.b])
 
@@ -155,14 +190,56 @@ def question_prompt(premises: str, a: str, b: str) -> str:
     return f"{premises} Does {a} cause {b}? "
 
 
-def ask(rng: np.random.Generator, graph: CausalGraph, label: bool) -> Example:
-    """A question about `graph` whose answer is `label`, uniform over the ordered pairs that have it."""
+def candidate_pairs(graph: CausalGraph, label: bool, hops: int | tuple[int, int] | None = None,
+                    negative: str | None = None) -> np.ndarray:
+    """(k, 2) ordered pairs (a, b) of `graph` with answer `label`; for Yes, optionally with a hop count
+    (an int, or an inclusive (low, high) range); for No, optionally of one negative kind."""
     reach = graph.reachability()
-    candidates = np.argwhere((reach == label) & ~np.eye(graph.n_nodes, dtype=bool))
+    want = (reach == label) & ~np.eye(graph.n_nodes, dtype=bool)
+    if label and hops is not None:
+        low, high = (hops, hops) if isinstance(hops, int) else hops
+        counts = graph.hop_counts()
+        want &= (counts >= low) & (counts <= high)
+    if not label and negative is not None:
+        if negative not in NEGATIVE_KINDS:
+            raise ValueError(f"negative: expected one of {', '.join(NEGATIVE_KINDS)}, got {negative!r}")
+        want &= reach.T if negative == "reversed" else ~reach.T
+    return np.argwhere(want)
+
+
+def ask(rng: np.random.Generator, graph: CausalGraph, label: bool, hops: int | tuple[int, int] | None = None,
+        negative: str | None = None) -> Example:
+    """A question about `graph` whose answer is `label`, uniform over the ordered pairs that have it
+    (and the wanted hop count or negative kind, when given)."""
+    candidates = candidate_pairs(graph, label, hops, negative)
     if len(candidates) == 0:
-        raise ValueError(f"graph {graph.key()!r} has no pair with answer {ANSWERS[label]}")
+        what = f" with {hops} hops" if label and hops is not None else f" ({negative})" if negative else ""
+        raise ValueError(f"graph {graph.key()!r} has no pair with answer {ANSWERS[label]}{what}")
     a, b = candidates[rng.integers(len(candidates))]
     return Example(graph, int(a), int(b), label)
+
+
+# --- trivial rules ---------------------------------------------------------------------------
+
+def edge_lookup(example: Example) -> bool:
+    """Yes iff "A causes B." is one of the premises."""
+    return (example.a, example.b) in set(example.graph.edges)
+
+
+def mention_order(example: Example) -> bool:
+    """Yes iff A is first mentioned before B in the premises."""
+    order: list[int] = []
+    for c, e in example.graph.edges:
+        order += [x for x in (c, e) if x not in order]
+    position = {node: i for i, node in enumerate(order)}  # a node no premise names comes last
+    return position.get(example.a, len(order)) < position.get(example.b, len(order) + 1)
+
+
+RULES: dict[str, Callable[[Example], bool]] = {"edge lookup": edge_lookup, "mention order": mention_order}
+
+
+def rule_answers(rule: str, examples: list[Example]) -> np.ndarray:
+    return np.array([RULES[rule](e) for e in examples], dtype=bool)
 
 
 def balanced_labels(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -196,8 +273,19 @@ TOKENIZERS: dict[str, Callable[[], Tokenizer]] = {
 }
 
 
-def task_tokenizer(kind: str = "char") -> Tokenizer:
-    return TOKENIZERS[kind]()
+def task_tokenizer(kind: str = "char", bos: bool = False) -> Tokenizer:
+    """The task's tokenizer; with bos=True it also holds `<bos>` (the last id), and every sequence starts with it."""
+    tokenizer = TOKENIZERS[kind]()
+    if bos:
+        tokenizer.backend.add_special_tokens([BOS_TOKEN])
+        tokenizer = Tokenizer(tokenizer.backend)
+    return tokenizer
+
+
+def encode_texts(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, starting with BOS when the tokenizer has one."""
+    start = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    return [start + ids for ids in tokenizer.encode_batch(texts)]
 
 
 def longest_tokens(tokenizer: Tokenizer, n_edges: int, questions: int = 1) -> int:
@@ -205,14 +293,15 @@ def longest_tokens(tokenizer: Tokenizer, n_edges: int, questions: int = 1) -> in
     or of the longest packed sequence of `questions` questions with their answers."""
     name = "x" * LONGEST_NAME
     premises = " ".join([f"{name} causes {name}."] * n_edges)
-    one = max(len(tokenizer.encode(question_prompt(premises, name, name) + word)) for word in ANSWERS.values())
-    return one + (questions - 1) * (one - len(tokenizer.encode(premises)))
+    one = max(len(encode_texts(tokenizer, [question_prompt(premises, name, name) + word])[0]) for word in ANSWERS.values())
+    return one + (questions - 1) * (one - len(encode_texts(tokenizer, [premises])[0]))
 
 
 def encode_examples(tokenizer: Tokenizer, texts: list[str], answer_lengths: list[int],
                     length: int | None = None) -> dict[str, torch.Tensor]:
-    """Right-padded token ids (B, length) and a mask of each text's last answer_length tokens (its answer)."""
-    ids = tokenizer.encode_batch(texts)
+    """Right-padded token ids (B, length), BOS first when the tokenizer has one, and a mask of each
+    text's last answer_length tokens (its answer)."""
+    ids = encode_texts(tokenizer, texts)
     longest = max(len(x) for x in ids)
     length = length or longest
     if longest > length:
@@ -242,10 +331,10 @@ def encode_packed(tokenizer: Tokenizer, groups: list[list[Example]], length: int
     for group in groups:
         if any(e.graph is not group[0].graph for e in group):
             raise ValueError("encode_packed: every question of a group must be about the same graph")
-        premises = tokenizer.encode(group[0].graph.premises())
+        premises = encode_texts(tokenizer, [group[0].graph.premises()])[0]
         ids, segment, positions, answer = list(premises), [0] * len(premises), list(range(len(premises))), \
             [False] * len(premises)
-        for j, (e, whole) in enumerate(zip(group, tokenizer.encode_batch([e.prompt + e.answer for e in group])), 1):
+        for j, (e, whole) in enumerate(zip(group, encode_texts(tokenizer, [e.prompt + e.answer for e in group])), 1):
             if whole[:len(premises)] != premises:
                 raise ValueError("encode_packed: the tokenizer does not split the premises from the question")
             question = whole[len(premises):]
@@ -284,14 +373,27 @@ def trim_padding(batch: dict[str, torch.Tensor], pad_id: int) -> dict[str, torch
 @torch.no_grad()
 def answer_log_probs(model: torch.nn.Module, tokenizer: Tokenizer, prompts: list[str],
                      batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """(log p(Yes | prompt), log p(No | prompt)) for each prompt: sums over the answer's characters."""
+    """(log p(Yes | prompt), log p(No | prompt)) for each prompt: sums over the answer's tokens.
+    BOS comes first when the tokenizer has one (the model was trained with it)."""
+    check_vocabulary(model, tokenizer)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     out = {label: np.zeros(len(prompts)) for label in ANSWERS}
     order = np.argsort([len(p) for p in prompts])  # similar lengths share a batch: less padding
+    single = {label: tokenizer.encode(word) for label, word in ANSWERS.items()}
+    one_token = all(len(ids) == 1 for ids in single.values()) and all(
+        encode_texts(tokenizer, [p + w])[0][-1] == single[label][0] for p in prompts[:1] for label, w in ANSWERS.items())
     for start in range(0, len(prompts), batch_size):
         rows = order[start:start + batch_size]
+        if one_token:  # both answers are one token: one pass, read at each prompt's last position
+            batch = encode_examples(tokenizer, [prompts[i] for i in rows], [1] * len(rows))
+            tokens, last = batch["tokens"].to(device), batch["answer_mask"].to(device).float().argmax(-1)
+            logp = torch.log_softmax(model(tokens, mask="causal").float(), dim=-1)
+            at_last = logp[torch.arange(len(rows), device=device), last]
+            for label in ANSWERS:
+                out[label][rows] = at_last[:, single[label][0]].cpu().numpy()
+            continue
         for label, word in ANSWERS.items():
             batch = encode_examples(tokenizer, [prompts[i] + word for i in rows],
                                     [len(tokenizer.encode(word))] * len(rows))
@@ -303,13 +405,21 @@ def answer_log_probs(model: torch.nn.Module, tokenizer: Tokenizer, prompts: list
     return out[True], out[False]
 
 
+def check_vocabulary(model: torch.nn.Module, tokenizer: Tokenizer) -> None:
+    vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)
+    if vocab is not None and tokenizer.vocab_size > vocab:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, the model only {vocab}: not the tokenizer it "
+                         f"was trained with (a BOS tokenizer for a model without BOS?)")
+
+
 def yes_probabilities(model: torch.nn.Module, tokenizer: Tokenizer, prompts: list[str], batch_size: int = 128) -> np.ndarray:
     lp_yes, lp_no = answer_log_probs(model, tokenizer, prompts, batch_size)
     return 1.0 / (1.0 + np.exp(lp_no - lp_yes))
 
 
 def answer(model: torch.nn.Module, tokenizer: Tokenizer, premises: str, a: str, b: str) -> float:
-    """P(Yes) for "Does a cause b?" given the premises, from the Yes / No continuation log-probabilities."""
+    """P(Yes) for "Does a cause b?" given the premises, from the Yes / No continuation log-probabilities
+    (BOS added here when the model's tokenizer has one)."""
     return float(yes_probabilities(model, tokenizer, [question_prompt(premises, a, b)])[0])
 
 

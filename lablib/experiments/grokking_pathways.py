@@ -76,9 +76,8 @@ class GrokkingConfig(ModelConfig, TrainConfig, DataConfig):
         # model, 4500 steps of 24 rows (21 of 12 equations, 3 of text); lr x weight decay sets the decay clock
         "cpu": dict(groups=["add:47", "sub:41", "mul:37"], train_fraction=0.5, algorithmic_share=0.875, n_layer=2,
                     n_head=4, d_model=64, d_mlp=128, n_experts=4, moe_top_k=1, pos="rope", seq_len=59, max_seq_len=59,
-                    batch_size=24, steps=4500, learning_rate=2e-3, weight_decay=0.5, beta2=0.98, warmup_steps=50,
-                    schedule="constant", checkpoint_every=250, log_every=50, eval_every=500, eval_batches=2,
-                    dense_seeds=[0]),
+                    batch_size=24, steps=6000, learning_rate=2e-3, weight_decay=0.5, beta2=0.98, warmup_steps=50,
+                    schedule="constant", checkpoint_every=250, log_every=50, eval_every=500, eval_batches=2),
         # closer to the paper: more and larger groups, 8 experts with top-2 routing, 5 seeds
         "gpu": dict(groups=["add:97", "sub:89", "mul:83", "div:79", "square_sum:73"], train_fraction=0.5,
                     algorithmic_share=0.875, n_layer=4, n_head=8, d_model=256, d_mlp=512, n_experts=8, moe_top_k=2,

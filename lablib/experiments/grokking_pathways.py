@@ -73,7 +73,7 @@ class GrokkingConfig(ModelConfig, TrainConfig, DataConfig):
                       max_seq_len=29, batch_size=4, steps=8, warmup_steps=2, checkpoint_every=4, log_every=2,
                       eval_every=4, eval_batches=1, probe_samples=6, seeds=[0, 1], corpus_max_chars=20_000),
         # ~25 minutes on one busy shared core: 3 seeds of the MoE and one of the dense control, a 2-layer width-64
-        # model, 4500 steps of 24 rows (21 of 12 equations, 3 of text); lr x weight decay sets the decay clock
+        # model, 6000 steps of 24 rows (21 of 12 equations, 3 of text); lr x weight decay sets the decay clock
         "cpu": dict(groups=["add:47", "sub:41", "mul:37"], train_fraction=0.5, algorithmic_share=0.875, n_layer=2,
                     n_head=4, d_model=64, d_mlp=128, n_experts=4, moe_top_k=1, pos="rope", seq_len=59, max_seq_len=59,
                     batch_size=24, steps=6000, learning_rate=2e-3, weight_decay=0.5, beta2=0.98, warmup_steps=50,

@@ -261,6 +261,22 @@ def aggregate_seeds(per_seed: Mapping[Any, Headline | Mapping[str, Any]], confid
                     first.better, differences)
 
 
+
+def headline_over_seeds(metric: str, value: Mapping[Any, float], references: Mapping[str, Mapping[Any, float]],
+                        trivial_rule: str, split: str, better: str = "higher",
+                        confidence: float = CONFIDENCE) -> Headline:
+    """`aggregate_seeds` from plain numbers: `value` maps a seed to the headline metric, `references`
+    maps "chance", "untrained", "trivial" and any other reference point to its value per seed (the
+    same seeds); `trivial_rule` names the trivial rule."""
+    names = ("chance", "untrained", "trivial")
+    missing = [n for n in names if n not in references]
+    if missing:
+        raise ValueError(f"headline_over_seeds: references need {', '.join(names)}; missing {', '.join(missing)}")
+    per_seed = {s: Headline.of(metric, value[s], Baselines.of(*(references[n][s] for n in names), trivial_rule,
+                                                             **{k: v[s] for k, v in references.items() if k not in names}),
+                               split, better) for s in value}
+    return aggregate_seeds(per_seed, confidence)
+
 # --- tables ------------------------------------------------------------------------------------
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:

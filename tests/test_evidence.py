@@ -119,3 +119,18 @@ def test_split_keys_of_structured_items_do_not_depend_on_key_order():
     assert parts[split_of('{"a": 1, "b": 2}')] == [{"b": 2, "a": 1}]
     with pytest.raises(ValueError, match="'dev' or 'test'"):
         take_split([1, 2], "val")
+
+
+def test_headline_over_seeds_matches_the_per_seed_headlines_and_names_a_missing_reference():
+    from lablib.evidence import headline_over_seeds
+
+    value = {0: 0.8, 1: 0.7, 2: 0.9}
+    refs = {"chance": {0: 0.5, 1: 0.5, 2: 0.5}, "untrained": {0: 0.4, 1: 0.6, 2: 0.5},
+            "trivial": {0: 0.6, 1: 0.6, 2: 0.7}, "oracle": {0: 1.0, 1: 1.0, 2: 1.0}}
+    h = headline_over_seeds("accuracy", value, refs, "edge lookup", "test")
+    assert abs(h.value.mean - 0.8) < 1e-12 and h.value.n == 3 and h.split == "test"
+    assert h.baselines.trivial_rule == "edge lookup" and set(h.baselines.others) == {"oracle"}
+    assert abs(h.differences["trivial"].mean - (0.8 - 0.6333333333333333)) < 1e-9
+    assert abs(h.differences["oracle"].mean + 0.2) < 1e-9
+    with pytest.raises(ValueError, match="missing untrained"):
+        headline_over_seeds("accuracy", value, {"chance": refs["chance"], "trivial": refs["trivial"]}, "rule", "test")

@@ -32,7 +32,7 @@ import torch
 
 from lablib.config import ConfigError, ModelConfig, TrainConfig, knob
 from lablib.data import Tokenizer
-from lablib.evidence import Baselines, Headline, aggregate_seeds, mean_interval
+from lablib.evidence import Baselines, headline_over_seeds, mean_interval
 from lablib.models import Transformer
 from lablib.objectives import IGNORE, token_cross_entropy
 from lablib.seeding import numpy_rng, seeded_transformer
@@ -354,14 +354,8 @@ def pc_agreement(cfg: Corr2CauseConfig, seed: int = 0) -> dict[str, Any]:
 
 def headline_dict(metric: str, value: dict[Any, float], references: dict[str, dict[Any, float]], trivial_rule: str,
                   split: str, better: str = "higher") -> dict[str, Any]:
-    """A headline over seeds in the lab's results format (`lablib.evidence.aggregate_seeds`): value and
-    each reference point (chance, untrained, trivial, then others) with 95% t intervals, and the paired
-    differences value - reference."""
-    names = ("chance", "untrained", "trivial")
-    per_seed = {s: Headline.of(metric, value[s], Baselines.of(*(references[n][s] for n in names), trivial_rule,
-                                                             **{k: v[s] for k, v in references.items() if k not in names}),
-                               split, better) for s in value}
-    return aggregate_seeds(per_seed).to_dict()
+    """A headline over seeds in the lab's results format (`lablib.evidence.headline_over_seeds`)."""
+    return headline_over_seeds(metric, value, references, trivial_rule, split, better).to_dict()
 
 
 def interval(values: Sequence[float]) -> dict[str, Any]:

@@ -34,7 +34,7 @@ import torch
 
 from lablib.checkpoints import checkpoint_schedule
 from lablib.config import ConfigError, TrainConfig, knob
-from lablib.evidence import Baselines, Headline, aggregate_seeds, mean_interval
+from lablib.evidence import headline_over_seeds, mean_interval
 from lablib.models import ICLRegressor, ICLRegressorConfig
 from lablib.seeding import seeded_model
 from lablib.tasks import icl_regression as task
@@ -379,13 +379,8 @@ def interval(values: Sequence[float]) -> dict[str, Any]:
 
 def headline_dict(metric: str, value: dict[Any, float], references: dict[str, dict[Any, float]], trivial_rule: str,
                   split: str, better: str = "lower") -> dict[str, Any]:
-    """A headline over seeds in the lab's results format: value and reference points with 95% t intervals and
-    paired differences value - reference."""
-    names = ("chance", "untrained", "trivial")
-    per_seed = {s: Headline.of(metric, value[s], Baselines.of(*(references[n][s] for n in names), trivial_rule,
-                                                             **{k: v[s] for k, v in references.items() if k not in names}),
-                               split, better) for s in value}
-    return aggregate_seeds(per_seed).to_dict()
+    """A headline over seeds in the lab's results format (`lablib.evidence.headline_over_seeds`)."""
+    return headline_over_seeds(metric, value, references, trivial_rule, split, better).to_dict()
 
 
 def run_command(preset: str, parameters: dict[str, Any]) -> str:

@@ -39,7 +39,7 @@ import torch
 
 from lablib.config import ConfigError, DataConfig, ModelConfig, TrainConfig, knob
 from lablib.data import Tokenizer, load_corpus, split_documents, train_tokenizer
-from lablib.evidence import Baselines, Headline, aggregate_seeds, assign_splits, mean_interval, paired_difference
+from lablib.evidence import assign_splits, headline_over_seeds, mean_interval, paired_difference
 from lablib.models import Transformer
 from lablib.objectives import IGNORE, ObjectiveConfig, add_control_tokens, build_objective, control_ids
 from lablib.seeding import seeded_model, torch_generator
@@ -376,12 +376,8 @@ def paired(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
 
 def headline_dict(metric: str, value: dict[int, float], references: dict[str, dict[int, float]], trivial_rule: str,
                   split: str = "test", better: str = "lower") -> dict[str, Any]:
-    """A headline over seeds (`aggregate_seeds`): value and references with 95% t intervals, paired differences."""
-    names = ("chance", "untrained", "trivial")
-    per_seed = {s: Headline.of(metric, value[s], Baselines.of(*(references[n][s] for n in names), trivial_rule,
-                                                             **{k: v[s] for k, v in references.items() if k not in names}),
-                               split, better) for s in value}
-    return aggregate_seeds(per_seed).to_dict()
+    """A headline over seeds in the lab's results format (`lablib.evidence.headline_over_seeds`)."""
+    return headline_over_seeds(metric, value, references, trivial_rule, split, better).to_dict()
 
 
 def run_command(preset: str, parameters: dict[str, Any]) -> str:

@@ -484,6 +484,8 @@ class Transformer(nn.Module):
     def pop_auxiliary_loss(self) -> torch.Tensor | None:
         """The weighted load-balancing loss of the last forward pass (summed over MoE layers), then cleared;
         None for a dense model. The training loop adds it to the objective's loss."""
+        if not self.cfg.n_experts:  # dense: nothing to walk on the training loop's hot path
+            return None
         losses = [m.aux_loss for m in self.modules() if isinstance(m, MixtureOfExperts) and m.aux_loss is not None]
         for m in self.modules():
             if isinstance(m, MixtureOfExperts):

@@ -178,11 +178,21 @@ def test_training_batches_are_a_function_of_seed_and_index():
     assert not {r[0].premise for r in rows} & test_premises
 
 
+def test_curriculum_rows_use_the_short_sizes_first():
+    cfg = exp.Corr2CauseConfig.resolve("smoke", curriculum_sizes=[3], curriculum_steps=5)
+    data = exp.prepare_data(cfg)
+    b = exp.ClassBatches(cfg, data, task.task_tokenizer())
+    assert {it.n for s in range(5) for row in b.rows(np.random.default_rng(s), 4, s) for it in row} == {3}
+    assert len({it.n for s in range(40) for row in b.rows(np.random.default_rng(s), 1, 5) for it in row}) > 1
+
+
 def test_bad_parameters_are_refused_in_one_line():
     with pytest.raises(ConfigError, match="train_sizes"):
         exp.Corr2CauseConfig.resolve("smoke", train_sizes=[1, 7])
     with pytest.raises(ConfigError, match="seeds"):
         exp.Corr2CauseConfig.resolve("smoke", seeds=[0, 0])
+    with pytest.raises(ConfigError, match="curriculum_sizes"):
+        exp.Corr2CauseConfig.resolve("smoke", curriculum_sizes=[5], curriculum_steps=3)
 
 
 def test_headline_dict_has_intervals_and_paired_differences():

@@ -8,7 +8,8 @@ Notable here:
   is pretrained in the run folder from the row of `PRETRAIN` for the preset, or read from
   `pretrained_run`. Both train through `lablib.train.train` with the run's checkpoints.
 - Training rows (`ClassBatches.batch(index, ...)`, a pure function of (seed, index)): one size per
-  micro-batch from `train_sizes` (weight sqrt(training classes), so rows have similar lengths),
+  micro-batch from `train_sizes` (weight sqrt(training classes), so rows have similar lengths;
+  the first `curriculum_steps` steps draw from the short-premise `curriculum_sizes` only),
   then per row a training class of that size and `hypotheses_per_row` of its hypotheses packed
   after one premise, half of them valid where the class has enough (the test stays at its
   natural ~16% valid; the F1 threshold is chosen on dev).
@@ -37,7 +38,7 @@ from lablib.models import Transformer
 from lablib.objectives import IGNORE, token_cross_entropy
 from lablib.seeding import numpy_rng, seeded_transformer
 from lablib.tasks import corr2cause as task
-from lablib.train import train
+from lablib.train import global_batch_split, train
 
 EXPERIMENT = "corr2cause"
 EVAL_SETS = ("test", "test_renamed", "test_paraphrased")
@@ -57,6 +58,8 @@ class Corr2CauseConfig(ModelConfig, TrainConfig):
 
     train_sizes: list[int] = knob([2, 3, 4, 5], "variables N of the training and evaluation classes (2..6)")
     n6_classes: int = knob(2000, "classes sampled for N = 6 (the smaller sizes are enumerated)", min=1)
+    curriculum_sizes: list[int] = knob([3, 4], "the sizes the first curriculum_steps steps train on (short premises)")
+    curriculum_steps: int = knob(0, "steps at the start that train on curriculum_sizes only (0: none)", min=0)
     hypotheses_per_row: int = knob(12, "training hypotheses packed after one premise (half valid where possible)",
                                    min=1)
     eval_classes: int | None = knob(100, "dev and test classes per size (None: all)", min=1)
@@ -82,16 +85,17 @@ class Corr2CauseConfig(ModelConfig, TrainConfig):
         # seconds: plumbing only
         "smoke": dict(train_sizes=[2, 3, 4], n_layer=1, n_head=2, d_model=32, steps=12, batch_size=4, warmup_steps=2,
                       hypotheses_per_row=6, eval_classes=6, eval_per_row=36, curve_classes=4, f1_every=6,
-                      pc_check_classes=20, seeds=[0], finetune_steps=4, finetune_batch_size=2,
+                      pc_check_classes=20, seeds=[0], curriculum_steps=4, finetune_steps=4, finetune_batch_size=2,
                       finetune_warmup_steps=1, eval_every=6, eval_batches=1, log_every=3, checkpoint_every=6),
         # ~20 minutes on 2 shared cores: N = 2..5 (an N = 6 premise averages ~600 task tokens),
-        # 3 seeds of a 3-layer width-64 transformer (~0.16M parameters, 400 steps of 8 rows x 12
-        # hypotheses: dev F1 flattens by step 400) and of the fine-tuned quickstart LM (1.06M parameters; its stdlib BPE spends
+        # 3 seeds of a 3-layer width-64 transformer (~0.16M parameters, 700 steps of 8 rows x 12
+        # hypotheses, the first 300 on N = 3-4 only; the dev search behind it is in docs/LOG.md)
+        # and of the fine-tuned quickstart LM (1.06M parameters; its stdlib BPE spends
         # ~1.6x the task tokenizer's tokens on this text)
-        "cpu": dict(n_layer=3, n_head=4, d_model=64, pos="rope", steps=400, batch_size=8, warmup_steps=30,
-                    learning_rate=3e-3, eval_classes=50, curve_classes=15, eval_every=100, eval_batches=2,
-                    log_every=20, checkpoint_every=200, keep_last=2, finetune_steps=100, finetune_batch_size=4,
-                    finetune_warmup_steps=10),
+        "cpu": dict(n_layer=3, n_head=4, d_model=64, pos="rope", steps=700, curriculum_steps=300, batch_size=8,
+                    warmup_steps=30, learning_rate=3e-3, eval_classes=50, curve_classes=15, eval_every=100,
+                    eval_batches=2, log_every=20, checkpoint_every=200, keep_last=2, finetune_steps=100,
+                    finetune_batch_size=4, finetune_warmup_steps=10),
         # the paper's sizes N = 2..6 and a wider model
         "gpu": dict(train_sizes=[2, 3, 4, 5, 6], n6_classes=20000, n_layer=8, n_head=8, d_model=256, pos="rope",
                     steps=20000, batch_size=64, hypotheses_per_row=24, warmup_steps=500, learning_rate=5e-4,
@@ -107,6 +111,10 @@ class Corr2CauseConfig(ModelConfig, TrainConfig):
         if bad or not self.train_sizes:
             raise ConfigError(f"parameter 'train_sizes': expected a non-empty list of sizes in {list(task.SIZES)}, "
                               f"got {self.train_sizes}")
+        bad = [n for n in self.curriculum_sizes if n not in self.train_sizes]
+        if self.curriculum_steps and (bad or not self.curriculum_sizes):
+            raise ConfigError(f"parameter 'curriculum_sizes': expected a non-empty subset of train_sizes="
+                              f"{self.train_sizes}, got {self.curriculum_sizes}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"parameter 'seeds': expected distinct seeds, got {self.seeds}")
         if self.finetune_warmup_steps > self.finetune_steps:
@@ -166,9 +174,10 @@ class ClassBatches:
     data: Corr2CauseData
     tokenizer: Tokenizer
 
-    def rows(self, rng: np.random.Generator, batch_size: int) -> list[list[task.Item]]:
-        """One size per micro-batch (rows of similar length), drawn with weight sqrt(training classes)."""
-        sizes = list(self.cfg.train_sizes)
+    def rows(self, rng: np.random.Generator, batch_size: int, step: int = 0) -> list[list[task.Item]]:
+        """One size per micro-batch (rows of similar length), drawn with weight sqrt(training classes)
+        among curriculum_sizes before curriculum_steps, among train_sizes after."""
+        sizes = list(self.cfg.curriculum_sizes if step < self.cfg.curriculum_steps else self.cfg.train_sizes)
         weights = np.sqrt([len(self.data.train_classes[n]) for n in sizes])
         n = int(rng.choice(sizes, p=weights / weights.sum()))
         classes = task.equivalence_classes(n, self.cfg.n6_classes)
@@ -176,7 +185,8 @@ class ClassBatches:
                 for _ in range(batch_size)]
 
     def batch(self, index: int, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
-        return task.pack(self.tokenizer, self.rows(numpy_rng(seed, "corr2cause", index), batch_size))
+        step = index // global_batch_split(self.cfg)[0]
+        return task.pack(self.tokenizer, self.rows(numpy_rng(seed, "corr2cause", index), batch_size, step))
 
 
 @dataclass
@@ -282,7 +292,8 @@ def train_finetuned(cfg: Corr2CauseConfig, seed: int, data: Corr2CauseData, base
         tokenizer.save(sub.path / "tokenizer.json")
     model = copy.deepcopy(base).train()
     rows_cfg = dataclasses.replace(cfg, f1_every=max(1, cfg.finetune_steps // 2), batch_size=cfg.finetune_batch_size,
-                                   hypotheses_per_row=cfg.finetune_hypotheses_per_row)
+                                   hypotheses_per_row=cfg.finetune_hypotheses_per_row,
+                                   curriculum_steps=cfg.curriculum_steps * cfg.finetune_steps // cfg.steps)
     result = train(model, AnswerLoss(), ClassBatches(rows_cfg, data, tokenizer), train_cfg, sub,
                    val=validation_batches(rows_cfg, data, tokenizer),
                    callbacks=[dev_f1_callback(rows_cfg, data, tokenizer)], progress=progress)

@@ -332,7 +332,7 @@ class ObjectivesGridConfig(ObjectivesRunConfig):
     objectives: list[str] = knob(list(DECODER_OBJECTIVES), "objectives trained on the decoder-only model")
     seeds: list[int] = knob([0, 1, 2], "seeds of every objective (initialisation, data order, masks)")
     pairs_per_phenomenon: int = knob(1000, "minimal pairs drawn per phenomenon from the held-out files", min=10)
-    pair_window: int = knob(3, "tokens scored either side of a minimal pair's edit", min=0)
+    pair_window: int = knob(1, "tokens scored either side of a minimal pair's edit", min=0)
     probe_functions: int = knob(120, "held-out functions whose tokens the probes read", min=4)
     probe_tokens: int = knob(64, "tokens kept of each probed function", min=8)
     finetune_steps: int = knob(200, "fine-tuning steps (the same for every objective)", min=1)
@@ -525,10 +525,12 @@ def token_features(model, ids: torch.Tensor, pad_id: int, mask: str) -> torch.Te
 class SequenceClassifier(torch.nn.Module):
     """A pretrained model with a linear head on its mean-pooled top layer (read as its objective taught it)."""
 
-    def __init__(self, base: torch.nn.Module, n_classes: int, pad_id: int, mask: str):
+    def __init__(self, base: torch.nn.Module, n_classes: int, pad_id: int, mask: str, seed: int = 0):
         super().__init__()
         self.base, self.pad_id, self.mask = base, pad_id, mask
-        self.head = torch.nn.Linear(base.cfg.d_model, n_classes)
+        with torch.random.fork_rng(devices=[]):  # the head's initialisation: a function of the seed alone
+            torch.manual_seed(seed)
+            self.head = torch.nn.Linear(base.cfg.d_model, n_classes)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.head(pooled_embeddings(self.base, ids, self.pad_id, self.mask))
@@ -558,7 +560,7 @@ def finetune_accuracy(model, cfg: TrainConfig, data: GridData, mask: str, seed: 
     files' snippets, then its accuracy on the test files' snippets (cfg: the hardware and optimiser knobs)."""
     import copy
 
-    clf = SequenceClassifier(copy.deepcopy(model), len(FINETUNE_CLASSES), data.lm.tokenizer.pad_id, mask)
+    clf = SequenceClassifier(copy.deepcopy(model), len(FINETUNE_CLASSES), data.lm.tokenizer.pad_id, mask, seed)
     steps, batch, lr, tokens = (data.finetune[k] for k in ("steps", "batch", "learning_rate", "tokens"))
     ft_cfg = dataclasses.replace(cfg.project(TrainConfig), steps=steps, batch_size=batch, seq_len=tokens,
                                  batch_tokens=None, learning_rate=lr, warmup_steps=min(10, steps), seed=seed,

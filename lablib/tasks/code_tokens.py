@@ -22,6 +22,7 @@ import io
 import keyword
 import textwrap
 import tokenize
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,6 +158,7 @@ def control_labels(token_ids: np.ndarray, labels: np.ndarray, seed: int) -> np.n
 
 
 def _fit_score(x_train, y_train, x_test, y_test, C: float) -> float:
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -164,7 +166,9 @@ def _fit_score(x_train, y_train, x_test, y_test, C: float) -> float:
     if len(np.unique(y_train)) < 2:
         return float(np.mean(y_test == y_train[0]))
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, C=C))
-    return float(probe.fit(x_train, y_train).score(x_test, y_test))
+    with warnings.catch_warnings():  # 300 lbfgs iterations: close enough to compare probes, not always converged
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return float(probe.fit(x_train, y_train).score(x_test, y_test))
 
 
 def probe_selectivity(features: np.ndarray, token_ids: np.ndarray, labels: dict[str, np.ndarray],

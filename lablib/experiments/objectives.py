@@ -120,9 +120,6 @@ def training_flops_per_batch(model, objective, batch: dict[str, torch.Tensor], s
 
 # --- one objectives run (notebook 02a) -----------------------------------------------------------------
 
-ENCODER_DECODER_OBJECTIVES = tuple(name for name, spec in OBJECTIVES.items() if spec.encoder_decoder)
-
-
 @dataclass
 class ObjectivesRunConfig(ModelConfig, TrainConfig, DataConfig, ObjectiveConfig):
     """One (architecture, objective, seed) run of notebooks/02a_objectives_run.ipynb."""
@@ -320,7 +317,6 @@ def run_objective(cfg: ObjectivesRunConfig, run, *, progress: bool = True) -> di
 
 
 DECODER_OBJECTIVES = tuple(name for name, spec in OBJECTIVES.items() if not spec.scores)  # plain token blocks
-PAIRED_OBJECTIVES = tuple(name for name, spec in OBJECTIVES.items() if spec.pairs)
 
 
 @dataclass
@@ -350,9 +346,9 @@ class ObjectivesGridConfig(ObjectivesRunConfig):
                   "objectives": ["clm", "mlm"], "seeds": [0, 1], "pairs_per_phenomenon": 20, "probe_functions": 12,
                   "probe_tokens": 32, "finetune_steps": 4, "finetune_tokens": 24, "eval_pairs": 30,
                   "induction_n_future": [1, 2], "induction_seeds": [0], "induction_steps": 10},
-        # one core, about half an hour: six objectives x three seeds of 4 x 64 models, 0.33M tokens each
+        # one core, about half an hour: six objectives x three seeds of 4 x 64 models, 0.66M tokens each
         "cpu": {**ObjectivesRunConfig.presets["cpu"], "n_layer": 4, "n_head": 4, "d_model": 64, "seq_len": 64,
-                "max_seq_len": 160, "steps": 320, "warmup_steps": 30, "eval_every": 320, "checkpoint_every": 320,
+                "max_seq_len": 160, "steps": 640, "warmup_steps": 40, "eval_every": 640, "checkpoint_every": 640,
                 "eval_batches": 4, "objectives": ["clm", "prefix_lm", "mlm", "span_corruption", "gpt_bert", "biphasic"],
                 "seeds": [0, 1, 2], "finetune_steps": 150, "induction_seeds": [0], "induction_steps": 300},
         "gpu": {**ObjectivesRunConfig.presets["gpu"], "seeds": [0, 1, 2], "pairs_per_phenomenon": 2000,

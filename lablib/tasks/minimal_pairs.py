@@ -427,13 +427,13 @@ def pseudo_log_likelihood(model, rows: list[list[int]], positions: list[list[int
             target = ids[torch.arange(len(chunk), device=device), at]
             hidden = ids.clone()
             hidden[torch.arange(len(chunk), device=device), at] = hidden_id
-            if fill == "mask":
-                logits = model(hidden, mask="bidirectional")
-                read = logits[torch.arange(len(chunk), device=device), at]
+            if fill == "mask":  # the head runs at the hidden position only: most of the unembedding's cost saved
+                h = model.trunk(hidden, mask="bidirectional")[torch.arange(len(chunk), device=device), at]
             else:
                 row = torch.cat([hidden, torch.full((len(chunk), 1), hidden_id, device=device)], 1)
                 prefix = torch.full((len(chunk),), length, device=device)
-                read = model(row, mask="prefix", prefix_len=prefix)[:, -1]
+                h = model.trunk(row, mask="prefix", prefix_len=prefix)[:, -1]
+            read = model.head(h)
             logp = torch.log_softmax(read.float(), -1).gather(-1, target[:, None]).squeeze(-1).cpu().numpy()
             for (j, _), v in zip(chunk, logp):
                 out[j] += v

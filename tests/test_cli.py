@@ -195,6 +195,7 @@ def _sweep_driver_notebook(path):
 
     nb = nbformat.v4.new_notebook()
     nb.metadata["lablib"] = {"config": "lablib.experiments.quickstart:LMConfig", "experiment": "sweep_driver"}
+    nb.metadata["kernelspec"] = {"name": "lablib", "display_name": "Python (lablib)", "language": "python"}
     nb.cells = [nbformat.v4.new_code_cell("preset = None\nrun_dir = None", metadata={"tags": ["parameters"]}),
                 nbformat.v4.new_code_cell(
                     "from lablib.config import notebook_config\nfrom lablib.experiments.quickstart import LMConfig\n"

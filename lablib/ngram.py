@@ -1,4 +1,4 @@
-"""Unigram and bigram language models: the trivial baselines a token-level loss stands beside.
+"""Unigram, bigram and trigram language models: the trivial baselines a token-level loss stands beside.
 
 Notable here:
 - Losses are in nats per token, scored on exactly the targets a causal LM is scored on:
@@ -10,6 +10,8 @@ Notable here:
   unigram: p(w | v) = lam c(v, w) / c(v) + (1 - lam) p(w); a context never seen in
   training falls back to p(w). Counts are kept sparse (sorted pair codes), so an 8k
   vocabulary costs memory in the number of distinct pairs, not V^2.
+- `TrigramLM` interpolates the trigram relative frequency with that bigram the same way;
+  `fit_trigram_on_dev` chooses its weight after the lower orders'.
 - `fit_on_dev` chooses k and then lam on a dev part of the training tokens (the last
   `dev_fraction` of the stream; counts from the rest), then refits the counts on every
   training token with the chosen values. The held-out tokens play no part in the choice.
@@ -157,3 +159,76 @@ def heldout_baselines(train_blocks, eval_blocks, vocab_size: int, dev_fraction: 
     return {"chance": math.log(vocab_size), "unigram": models.unigram.nll(eval_blocks[:, 1:]),
             "bigram": models.bigram.nll_blocks(eval_blocks), "tokens_scored": int(eval_blocks[:, 1:].size),
             "smoothing": models.smoothing()}
+
+
+@dataclass
+class TrigramLM:
+    """Interpolated trigram: p(w | u, v) = lam c(u, v, w) / c(u, v) + (1 - lam) p_bigram(w | v);
+    a context pair never seen in training falls back to the bigram. Counts sparse, like `BigramLM`'s."""
+
+    bigram: BigramLM
+    triple_codes: np.ndarray  # sorted distinct (u * V + v) * V + w
+    triple_counts: np.ndarray
+    context_codes: np.ndarray  # sorted distinct u * V + v that precede a token
+    context_counts: np.ndarray
+    lam: float = 0.7
+
+    @classmethod
+    def fit(cls, tokens, bigram: BigramLM, lam: float = 0.7) -> "TrigramLM":
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"interpolation weight: expected 0 <= lam <= 1, got {lam}")
+        V = bigram.vocab_size
+        x = _tokens(tokens, V).ravel()
+        ctx = x[:-2] * V + x[1:-1]
+        triples, counts = np.unique(ctx * V + x[2:], return_counts=True)
+        contexts, ctx_counts = np.unique(ctx, return_counts=True)
+        return cls(bigram, triples, counts.astype(np.float64), contexts, ctx_counts.astype(np.float64), float(lam))
+
+    @staticmethod
+    def _lookup(codes: np.ndarray, counts: np.ndarray, query: np.ndarray) -> np.ndarray:
+        where = np.searchsorted(codes, query)
+        found = where < codes.size
+        found[found] = codes[where[found]] == query[found]
+        return np.where(found, counts[np.minimum(where, codes.size - 1)], 0.0)
+
+    def prob(self, u, v, w) -> np.ndarray:
+        V = self.bigram.vocab_size
+        u, v, w = (np.asarray(a, dtype=np.int64) for a in (u, v, w))
+        triple = self._lookup(self.triple_codes, self.triple_counts, (u * V + v) * V + w)
+        context = self._lookup(self.context_codes, self.context_counts, u * V + v)
+        relative = np.divide(triple, context, out=np.zeros_like(triple), where=context > 0)
+        lam = np.where(context > 0, self.lam, 0.0)
+        return lam * relative + (1 - lam) * self.bigram.prob(v, w)
+
+    def nll_stream(self, tokens) -> float:
+        """Mean NLL of tokens[2:] each given the two tokens before it."""
+        x = _tokens(tokens, self.bigram.vocab_size).ravel()
+        return float(-np.log(self.prob(x[:-2], x[1:-1], x[2:])).mean())
+
+    def log_prob_at(self, ids, positions) -> float:
+        """Sum of log p(ids[p] | the two tokens before it) over positions (>= 1; position 1 has one token
+        of context and is scored by the bigram)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        p = np.asarray(positions, dtype=np.int64)
+        first = p == 1
+        p2 = p[~first]
+        total = float(np.log(self.prob(ids[p2 - 2], ids[p2 - 1], ids[p2])).sum()) if p2.size else 0.0
+        if first.any():
+            total += float(np.log(self.bigram.prob(ids[:1], ids[1:2])).sum())
+        return total
+
+
+def fit_trigram_on_dev(train_tokens, vocab_size: int, dev_fraction: float = 0.1, lams=LAMBDA_GRID) -> tuple[TrigramLM, dict]:
+    """The unigram and bigram as `fit_on_dev` chooses them, then the trigram's lam chosen the same way (on the
+    last `dev_fraction` of the stream, counts from the rest), refit on the whole stream."""
+    lower = fit_on_dev(train_tokens, vocab_size, dev_fraction)
+    x = _tokens(train_tokens, vocab_size).ravel()
+    fit_part, dev = x[:-lower.dev_tokens], x[-lower.dev_tokens:]
+    bigram_fit = BigramLM.fit(fit_part, vocab_size, lower.bigram.lam, lower.unigram.k)
+    trigram_fit = TrigramLM.fit(fit_part, bigram_fit)
+    dev_losses = {}
+    for lam in lams:
+        trigram_fit.lam = float(lam)
+        dev_losses[float(lam)] = trigram_fit.nll_stream(dev)
+    lam = min(dev_losses, key=dev_losses.get)
+    return TrigramLM.fit(x, lower.bigram, lam), {**lower.smoothing(), "trigram": f"interpolated with the bigram, lam={lam:g}"}

@@ -685,6 +685,7 @@ class ObjectiveSpec:
     pairs: bool = False  # its batches need (doc_ids, code_ids) pairs, see ObjectiveBatches
     combines: bool = False  # built from other objectives (mixture, biphasic)
     scores: bool = False  # its batches need a per-row preference score, batch["score"] (pretraining with feedback)
+    fills: Literal["mask", "sentinel"] = "mask"  # how its bidirectional reader predicts a hidden token
     extra_ids: Callable[[Any], int] = lambda cfg: 0  # ids the model needs beyond the tokenizer's
     check: Callable[[Any], None] = lambda cfg: None  # raises ConfigError when the config cannot train it
 
@@ -721,7 +722,7 @@ register_objective("prefix_lm", reads="bidirectional", next_token=True, encoder_
     lambda cfg, tok, n: PrefixLM(pad_id=tok.pad_id))
 register_objective("mlm", reads="bidirectional", next_token=False)(
     lambda cfg, tok, n: MaskedLM(tok.mask_id, tok.vocab_size, cfg.mask_ratio, tok.special_ids))
-register_objective("span_corruption", reads="bidirectional", next_token=False, encoder_decoder=True,
+register_objective("span_corruption", reads="bidirectional", next_token=False, encoder_decoder=True, fills="sentinel",
                    extra_ids=lambda cfg: cfg.n_sentinels, check=_span_rows_fit)(
     lambda cfg, tok, n: SpanCorruption(tok.vocab_size, cfg.n_sentinels, tok.eos_id, tok.pad_id, cfg.noise_density,
                                        cfg.mean_span_length))
@@ -833,6 +834,15 @@ class ObjectiveConfig(Config):
         """How the trained model reads a text: as its objective taught it (biphasic: its last phase)."""
         last = [OBJECTIVES[self.biphasic_second]] if self.objective == "biphasic" else self.specs()
         return "causal" if all(s.reads == "causal" for s in last) else "bidirectional"
+
+    def likelihood_reading(self) -> str:
+        """How the trained model scores a text (minimal pairs): 'causal' (log-likelihood) when every objective
+        of its last phase predicts the next token, else pseudo-log-likelihood with the hidden token as its
+        objectives fill one: 'sentinel' if any of them fills spans with sentinels, else 'mask'."""
+        last = [OBJECTIVES[self.biphasic_second]] if self.objective == "biphasic" else self.specs()
+        if all(s.next_token for s in last):
+            return "causal"
+        return "sentinel" if any(s.fills == "sentinel" for s in last) else "mask"
 
     def extra_ids(self) -> int:
         """Token ids the model needs beyond the tokenizer's (span corruption's sentinels)."""

@@ -37,6 +37,7 @@ STREAMS = {  # stream name -> its entropy word (never renumber: results depend o
     "icl_regression": 9,  # in-context regression: task pools, training sequences, evaluation sets
     "preferences": 10,  # per epoch: the order of scored segments; per model: its samples and random-token draws
     "grokking": 11,  # modular groups' train / held-out pairs and, per micro-batch, the equations drawn
+    "finetune": 12,  # per micro-batch: the examples drawn for a fine-tuning step (objectives' downstream task)
 }
 
 M = TypeVar("M", bound=torch.nn.Module)

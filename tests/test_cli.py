@@ -188,15 +188,31 @@ def test_interrupting_a_sweep_stops_its_running_points_and_starts_no_more(isolat
     assert not (folder / "seed=2" / "params.json").exists()  # the queued point never started
 
 
-def test_sigterm_to_lablib_run_of_a_sweep_notebook_stops_every_point_and_says_how_to_resume(isolated_runs):
-    notebook = str(REPO / "notebooks" / "02_objectives.ipynb")  # a driver: one point per (objective, seed)
-    # the cpu preset's points train for minutes (two at a time), so both are alive when the signal comes
-    proc = subprocess.Popen([sys.executable, "-m", "lablib.cli", "run", notebook, "--preset", "cpu", "-p",
-                             "decoder_objectives", '["clm"]', "-p", "encdec_objectives", "[]"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(points := list(isolated_runs.glob("objectives_run/*/objective=*"))) < 2:
-        time.sleep(0.2)
+def _sweep_driver_notebook(path):
+    """A notebook that sweeps the quickstart from inside its kernel (as a driver notebook does), two points
+    at a time, each training long enough to be alive when the signal comes."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["lablib"] = {"config": "lablib.experiments.quickstart:LMConfig", "experiment": "sweep_driver"}
+    nb.metadata["kernelspec"] = {"name": "lablib", "display_name": "Python (lablib)", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell("preset = None\nrun_dir = None", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell(
+                    "from lablib.config import notebook_config\nfrom lablib.experiments.quickstart import LMConfig\n"
+                    "from lablib.runs import start_run\nfrom lablib.sweep import run_sweep\n"
+                    "run = start_run('sweep_driver', notebook_config(LMConfig, globals()), run_dir)\n"
+                    f"run_sweep({QUICKSTART!r}, {{'seed': [0, 1]}}, preset='smoke', params={{'steps': 5000, "
+                    "'checkpoint_every': 20, 'sample_tokens': 5}, jobs=2, name='s', progress=False)")]
+    nbformat.write(nb, path)
+    return str(path)
+
+
+def test_sigterm_to_lablib_run_of_a_sweep_notebook_stops_every_point_and_says_how_to_resume(isolated_runs, tmp_path):
+    notebook = _sweep_driver_notebook(tmp_path / "sweep_driver.ipynb")
+    proc = subprocess.Popen([sys.executable, "-m", "lablib.cli", "run", notebook, "--preset", "smoke"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    folder = _labelled_sweep(isolated_runs / "quickstart", "s", seconds=120)
+    points = [folder / "seed=0", folder / "seed=1"]
     _wait_for_checkpoints(points)
     kernels = [json.loads((p / "status.json").read_text())["pid"] for p in points]
     proc.send_signal(signal.SIGTERM)  # the CLI alone: its kernel and the points' processes are in other groups
@@ -204,7 +220,7 @@ def test_sigterm_to_lablib_run_of_a_sweep_notebook_stops_every_point_and_says_ho
     assert proc.returncode == 128 + signal.SIGTERM
     assert "--resume" in stderr.strip().splitlines()[-1]
     _assert_points_stopped(points, kernels)
-    driver = next(isolated_runs.glob("objectives/*/status.json"))
+    driver = next(isolated_runs.glob("sweep_driver/*/status.json"))
     assert json.loads(driver.read_text())["status"] == "stopped"
 
 

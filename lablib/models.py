@@ -516,10 +516,10 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample continuations of idx (B, T) with the causal mask."""
+        """Sample continuations of idx (B, T) with the causal mask; the head reads the last position only."""
         for _ in range(max_new_tokens):
             ctx = idx[:, -self.cfg.max_seq_len:]
-            logits = self(ctx, mask="causal")[:, -1, :].float()
+            logits = self.head(self.trunk(ctx, mask="causal")[:, -1:])[:, -1].float()
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:

@@ -183,3 +183,18 @@ def test_the_registry_builds_only_registered_classes_from_checked_config_values(
             build_registered(name, config, "m.json")
     with pytest.raises(TypeError, match="declares config_class"):
         register_model(type("Loose", (torch.nn.Module,), {}))
+
+
+def test_generate_draws_what_the_full_forward_pass_would():
+    """The head reads the last position only; the draws equal sampling from the full logits, past max_seq_len too."""
+    model = make(pos="rope")
+    prompt = torch.randint(0, 50, (6, 3), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = model.generate(prompt, 20, temperature=0.7, top_k=10, generator=torch.Generator().manual_seed(3))
+        idx, gen = prompt, torch.Generator().manual_seed(3)
+        for _ in range(20):
+            logits = model(idx[:, -model.cfg.max_seq_len:], mask="causal")[:, -1].float() / 0.7
+            v, _ = torch.topk(logits, 10)
+            logits[logits < v[:, [-1]]] = float("-inf")
+            idx = torch.cat([idx, torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)], dim=1)
+    assert out.shape == (6, 23) and torch.equal(out, idx)

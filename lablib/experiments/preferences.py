@@ -289,15 +289,10 @@ def _cut(ids: list[int], stop: set[int]) -> list[int]:
 @torch.no_grad()
 def sample(model, prompts: torch.Tensor, new_tokens: int, temperature: float, generator: torch.Generator,
            batch_size: int = 64) -> list[list[int]]:
-    """Continuations of each prompt row (B, P), `new_tokens` each, sampled in batches: the draws of
-    `model.generate`, with the head applied to the last position only (sampling is most of the evaluation)."""
+    """Continuations of each prompt row (B, P), `new_tokens` each, sampled with `model.generate` in batches."""
     out: list[list[int]] = []
     for k in range(0, len(prompts), batch_size):
-        idx = prompts[k:k + batch_size]
-        for _ in range(new_tokens):
-            logits = model.head(model.trunk(idx[:, -model.cfg.max_seq_len:], mask="causal")[:, -1:])[:, -1].float()
-            nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)
-            idx = torch.cat([idx, nxt], dim=1)
+        idx = model.generate(prompts[k:k + batch_size], new_tokens, temperature, generator=generator)
         out.extend(idx[:, prompts.shape[1]:].tolist())
     return out
 

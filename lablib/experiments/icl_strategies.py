@@ -71,9 +71,11 @@ class ICLStrategiesConfig(ICLRegressorConfig, TrainConfig):
         # ~38 minutes on one core: d=4, k=8, a 4-layer width-32 transformer over pair tokens (interleaved
         # tokens sat on the predict-0 plateau for 3000+ steps at this size), 6 pool sizes x 3 seeds; batch 256
         # at lr 1.5e-3, 4 layers (chosen on fresh dev tasks at M=2^14 against 2-3 layers, batch 64/512,
-        # width 64, lr 3e-3/5e-3: the late context positions, where ridge inverts X^T X, need the depth)
+        # width 64, lr 3e-3/5e-3: the late context positions, where ridge inverts X^T X, need the depth);
+        # pool sizes dense below 2^5, where dMMSE and ridge differ at d=4, so the rational model is
+        # fitted on M = 2, 8, 128 and asked for 4, 16 and 2^14
         "cpu": dict(n_dims=4, n_points=8, tokens="pairs", n_layer=4, n_head=2, d_model=32, pool_sizes=[2 ** p for p in
-                    (1, 3, 5, 7, 10, 14)], steps=3000, batch_size=256, warmup_steps=100, learning_rate=1.5e-3,
+                    (1, 2, 3, 4, 7, 14)], steps=3000, batch_size=256, warmup_steps=100, learning_rate=1.5e-3,
                     n_eval=512, checkpoint_every=500, log_every=100, eval_every=500, eval_batches=1, num_threads=1),
         # near Raventós et al. (d=8, k=16, interleaved tokens, 8 layers, width 256; they train 500k steps of
         # 256 sequences); not run yet

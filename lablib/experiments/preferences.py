@@ -91,7 +91,7 @@ class PreferencesConfig(ModelConfig, TrainConfig, DataConfig, ObjectiveConfig):
                       variants=["mle", "conditional", "filtering"], n_samples=6, sample_tokens=12, n_prompts=4,
                       prompt_tokens=8, heldout_segments=8, eval_every=8, eval_batches=1, log_every=4,
                       checkpoint_every=8, keep_last=1, val_fraction=0.2),
-        # ~38 minutes on one core: 6 objectives x 4 seeds of a 2-layer width-64 transformer (0.3M parameters),
+        # ~41 minutes on one core: 6 objectives x 4 seeds of a 2-layer width-64 transformer (0.3M parameters),
         # 600 steps of 32 rows x 65 tokens each (~70 s), evaluation ~17 s per model (512 samples: the
         # sampling noise of one model's rate is then ~0.3 per 1,000 characters, well below the objectives' gaps);
         # temperature 0.3, the one the rule picks on dev training seeds 100-102 (docs/LOG.md)

@@ -199,3 +199,28 @@ def test_the_start_token_follows_the_variant():
     assert data.start_id("mle") == data.eos_id == data.start_id("filtering")
     assert set(exp.VARIANTS) >= {"mle", "filtering", "conditional", "unlikelihood", "rwr", "mle_then_conditional"}
     assert CONTROL_TOKENS == ("<|good|>", "<|bad|>")
+
+
+def test_models_trained_and_evaluated_side_by_side_match_one_at_a_time():
+    data = data_for([0.0, 0.5, 0.01, 0.9, 0.02, 0.0], threshold=0.05)
+    data.clean.update(dev=data.train, test=data.train)
+    data.prompts.update(dev=data.train, test=data.train)
+    base = dict(n_layer=1, n_head=2, d_model=16, seq_len=6, max_seq_len=16, batch_size=2, steps=3, warmup_steps=1,
+                seeds=[0, 1], variants=["mle", "conditional"], n_samples=3, sample_tokens=4, n_prompts=2,
+                prompt_tokens=2, eval_every=3, eval_batches=1, log_every=1, checkpoint_every=3)
+    out = {}
+    for workers in (1, 2):
+        cfg = exp.PreferencesConfig.resolve("smoke", **base, workers=workers)
+        models, results = exp.train_all(cfg, data)
+        evals, untrained = exp.evaluate_all(cfg, data, models, temperature=1.0)
+        out[workers] = models, results, evals, untrained
+    (m1, r1, e1, u1), (m2, r2, e2, u2) = out[1], out[2]
+    assert list(m1) == list(m2) == [("mle", 0), ("conditional", 0), ("mle", 1), ("conditional", 1)]
+    for key in m1:
+        a, b = m1[key].state_dict(), m2[key].state_dict()
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), key
+        assert r1[key].steps == r2[key].steps == 3
+        assert e1[key]["heldout_loss"] == pytest.approx(e2[key]["heldout_loss"], abs=1e-5)
+    assert set(u1) == set(u2) == {("eos", 0), ("good", 0), ("eos", 1), ("good", 1)}
+    first = lambda key: next(iter(m1[key].state_dict().values()))
+    assert not torch.equal(first(("mle", 0)), first(("mle", 1)))  # the seeds are different models

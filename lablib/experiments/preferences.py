@@ -18,6 +18,9 @@ Notable here:
   temperature is chosen on dev: the one at which MLE's dev samples (draws apart from the test
   ones) come closest to the training data's own violation rate (a choice that favours no
   objective); test is reported.
+- `train_all` / `evaluate_all` / `choose_temperature` run the (objective, seed) models as
+  independent jobs through `lablib.parallel.map_jobs`, `workers` at a time; each model is the
+  same whichever process trains it, and resuming reopens each model's folder.
 - `evaluate_model` measures a model's held-out loss (the same code tokens for every objective,
   the start token read but never scored), the violation rate of its unconditional samples and
   of its continuations of the adversarial prompts (violations per character, pooled).
@@ -42,6 +45,7 @@ from lablib.data import Tokenizer, load_corpus, split_documents, train_tokenizer
 from lablib.evidence import assign_splits, headline_over_seeds, mean_interval, paired_difference
 from lablib.models import Transformer
 from lablib.objectives import IGNORE, ObjectiveConfig, add_control_tokens, build_objective, control_ids
+from lablib.parallel import map_jobs
 from lablib.seeding import seeded_model, torch_generator
 from lablib.tasks import pep8
 from lablib.tasks.pep8 import Segments
@@ -83,6 +87,8 @@ class PreferencesConfig(ModelConfig, TrainConfig, DataConfig, ObjectiveConfig):
     heldout_segments: int = knob(128, "clean held-out segments per split for the held-out loss", min=1)
     temperatures: list[float] = knob([0.5, 0.7, 1.0], "sampling temperatures, one chosen on dev")
     eval_batch_size: int = knob(64, "rows per forward pass when evaluating and sampling", min=1)
+    workers: int = knob(1, "processes that train and evaluate the (objective, seed) models side by side "
+                           "(the cores are split between them)", min=1)
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # seconds: plumbing only
@@ -91,15 +97,17 @@ class PreferencesConfig(ModelConfig, TrainConfig, DataConfig, ObjectiveConfig):
                       variants=["mle", "conditional", "filtering"], n_samples=6, sample_tokens=12, n_prompts=4,
                       prompt_tokens=8, heldout_segments=8, eval_every=8, eval_batches=1, log_every=4,
                       checkpoint_every=8, keep_last=1, val_fraction=0.2),
-        # ~41 minutes on one core: 6 objectives x 4 seeds of a 2-layer width-64 transformer (0.3M parameters),
-        # 600 steps of 32 rows x 65 tokens each (~70 s), evaluation ~17 s per model (512 samples: the
-        # sampling noise of one model's rate is then ~0.3 per 1,000 characters, well below the objectives' gaps);
-        # temperature 0.3, the one the rule picks on dev training seeds 100-102 (docs/LOG.md)
+        # 6 objectives x 8 seeds of a 2-layer width-64 transformer (0.3M parameters), two models at a time (one
+        # per core): 600 steps of 32 rows x 65 tokens each (~70 s a model), evaluation ~17 s a model (512
+        # samples: the sampling noise of one model's rate is then ~0.3 per 1,000 characters, well below the
+        # objectives' gaps); temperature 0.3, the one the rule picks on dev training seeds 100-102. Seeds 0-3
+        # were the earlier looks at test, whose spread between MLE seeds was as large as the effect; 4-11 are
+        # fresh (docs/LOG.md)
         "cpu": dict(corpus_max_chars=3_000_000, tokenizer="bpe", bpe_vocab_size=2048, n_layer=2, n_head=4,
                     d_model=64, seq_len=64, max_seq_len=128, batch_size=32, steps=600, warmup_steps=50,
                     learning_rate=3e-3, eval_every=300, eval_batches=1, log_every=20, checkpoint_every=600,
                     keep_last=1, val_fraction=0.1, n_samples=512, temperatures=[0.3], eval_batch_size=256,
-                    seeds=[0, 1, 2, 3]),
+                    seeds=list(range(4, 12)), workers=2),
         # the whole stdlib and a wider model
         "gpu": dict(corpus_max_chars=None, tokenizer="bpe", bpe_vocab_size=8192, n_layer=8, n_head=8, d_model=512,
                     seq_len=128, max_seq_len=256, batch_size=64, steps=8000, warmup_steps=400, learning_rate=6e-4,
@@ -253,6 +261,34 @@ def train_variant(cfg: PreferencesConfig, data: PreferenceData, variant: str, se
     return model, result
 
 
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _loaded(cfg: PreferencesConfig, data: PreferenceData, state: dict[str, torch.Tensor]):
+    model = build_model(cfg, data, 0)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _train_job(data: PreferenceData, cfg: PreferencesConfig, variant: str, seed: int, run_path, progress: bool):
+    from lablib.runs import Run
+
+    model, result = train_variant(cfg, data, variant, seed, Run(run_path) if run_path else None, progress=progress)
+    return _state(model), result
+
+
+def train_all(cfg: PreferencesConfig, data: PreferenceData, run=None) -> tuple[dict, dict]:
+    """Every (variant, seed) of `cfg` trained, `cfg.workers` at a time; returns ({(variant, seed):
+    model}, {(variant, seed): TrainResult})."""
+    keys = [(variant, seed) for seed in cfg.seeds for variant in cfg.variants]
+    path = str(run.path) if run is not None else None
+    out = map_jobs(_train_job, [(cfg, v, s, path, cfg.workers == 1) for v, s in keys], data, workers=cfg.workers,
+                   desc="training", name=lambda j: f"{j[1]} seed {j[2]}")
+    models = {k: _loaded(cfg, data, state) for k, (state, _) in zip(keys, out)}
+    return models, {k: result for k, (_, result) in zip(keys, out)}
+
+
 # --- evaluation --------------------------------------------------------------------------------
 
 def heldout_rows(ids: torch.Tensor, start_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -346,12 +382,41 @@ def evaluate_model(model, data: PreferenceData, cfg: PreferencesConfig, start: i
             "continuations": adv["texts"][:4]}
 
 
+def _evaluate_job(data: PreferenceData, cfg: PreferencesConfig, state: dict | None, seed: int, start: int,
+                  temperature: float) -> dict[str, Any]:
+    model = build_model(cfg, data, seed).eval() if state is None else _loaded(cfg, data, state)
+    return evaluate_model(model, data, cfg, start, seed, temperature)
+
+
+def evaluate_all(cfg: PreferencesConfig, data: PreferenceData, models: dict, temperature: float
+                 ) -> tuple[dict, dict]:
+    """Test evaluation of every trained model and of each seed's untrained model (once per start
+    token), `cfg.workers` at a time; returns ({(variant, seed): eval}, {(start, seed): eval})."""
+    starts = sorted({VARIANTS[v].start for v in cfg.variants})
+    start_id = lambda name: data.eos_id if name == "eos" else control_ids(data.tokenizer)[0]
+    keys = [("untrained", name, seed) for seed in cfg.seeds for name in starts]
+    keys += [("trained", v, seed) for seed in cfg.seeds for v in cfg.variants]
+    jobs = [(cfg, None, seed, start_id(name), temperature) if kind == "untrained" else
+            (cfg, _state(models[name, seed]), seed, data.start_id(name), temperature) for kind, name, seed in keys]
+    out = map_jobs(_evaluate_job, jobs, data, workers=cfg.workers, desc="evaluation",
+                   name=lambda j: f"seed {j[2]}, start token {j[3]}")
+    evals = {(name, seed): e for (kind, name, seed), e in zip(keys, out) if kind == "trained"}
+    untrained = {(name, seed): e for (kind, name, seed), e in zip(keys, out) if kind == "untrained"}
+    return evals, untrained
+
+
+def _dev_rate_job(data: PreferenceData, cfg: PreferencesConfig, state: dict, seed: int, temperature: float) -> float:
+    return unconditional_rate(_loaded(cfg, data, state), data, data.eos_id, cfg.n_samples, cfg.sample_tokens,
+                              temperature, seed + 7, cfg.eval_batch_size)["rate"]
+
+
 def choose_temperature(mle_models: dict[int, Any], data: PreferenceData, cfg: PreferencesConfig) -> dict[str, Any]:
     """The temperature at which MLE's dev samples' violation rate comes closest to the training data's."""
     target = data.data_rate()
-    rates = {t: float(np.mean([unconditional_rate(m, data, data.eos_id, cfg.n_samples, cfg.sample_tokens, t,
-                                                  seed + 7, cfg.eval_batch_size)["rate"]
-                               for seed, m in mle_models.items()])) for t in cfg.temperatures}
+    jobs = [(cfg, _state(m), seed, t) for t in cfg.temperatures for seed, m in mle_models.items()]
+    found = map_jobs(_dev_rate_job, jobs, data, workers=cfg.workers, desc="dev temperature",
+                     name=lambda j: f"seed {j[2]}, temperature {j[3]}")
+    rates = {t: float(np.mean([r for (_, _, _, jt), r in zip(jobs, found) if jt == t])) for t in cfg.temperatures}
     chosen = min(cfg.temperatures, key=lambda t: abs(rates[t] - target))
     return {"temperature": chosen, "dev_mle_rates": {str(t): r for t, r in rates.items()}, "target": target}
 
